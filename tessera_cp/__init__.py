@@ -1,6 +1,7 @@
 """tessera_cp: transformer building blocks on NVIDIA GPUs from plain Python (CuPy raw kernels; NumPy on the CPU)."""
 from . import dtypes
 from .autograd import Function, enable_grad, is_grad_enabled, no_grad
+from .checkpoint import checkpoint, checkpoint_region
 from .backend import cuda_available, default_device, info as _backend_info
 from .dtypes import (DType, bf16, bool_, f16, f32, f64, finfo, fp8_e4m3, fp8_e5m2, iinfo, int8, int32, int64,
                      uint8)
@@ -37,8 +38,7 @@ del _name
 
 def __getattr__(name):
     # Later layers load on first use, so `import tessera_cp` stays light.
-    if name in ("shapes", "kernel", "function", "Tile", "fp8", "nn", "comm", "cuda", "testing", "optim",
-                "checkpoint", "checkpoint_region"):
+    if name in ("shapes", "kernel", "function", "Tile", "fp8", "nn", "comm", "cuda", "testing", "optim"):
         import importlib
         if name == "function":
             return importlib.import_module(".shapes", __name__).function
@@ -46,7 +46,5 @@ def __getattr__(name):
             return importlib.import_module(".shapes", __name__).Tile
         if name == "kernel":
             return importlib.import_module(".kernel", __name__).kernel
-        if name in ("checkpoint", "checkpoint_region"):
-            return getattr(importlib.import_module(".checkpoint", __name__), name)
         return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'tessera_cp' has no attribute {name!r}")

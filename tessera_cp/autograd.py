@@ -1,9 +1,16 @@
 """The tape: each result remembers the Function that made it; backward walks them in reverse topological order.
 
 An op is a ``Function`` subclass with ``forward`` and ``backward`` side by side, both on raw backend arrays (NumPy or
-CuPy). ``forward`` saves only what ``backward`` needs (``self.save``); ``backward`` returns one gradient per positional
-argument of ``apply`` (None where there is none). The walk is iterative, so graphs of any depth back-propagate without
-touching Python's recursion limit, and each node is visited once (O(N) Python work).
+CuPy). ``forward`` saves only what ``backward`` needs (``self.save`` or attributes); ``backward`` returns one gradient
+per positional argument of ``apply`` (None where there is none).
+
+The graph links Functions, not Tensors: a node holds its parent nodes (or, for leaves, the leaf Tensor) and the
+parents' shapes, so an intermediate's array is freed as soon as nothing but the graph refers to it, unless a
+backward saved it. The walk is iterative (no recursion limit on deep graphs) and visits each node once.
+
+Checkpointing (``checkpoint_region``): nodes recorded inside a region keep no saved state. They keep the arrays of
+the region's inputs and links to the region nodes that fed them; backward recomputes a region node's forward from
+those (once per backward pass) before running its backward.
 """
 import contextlib
 import threading
@@ -44,8 +51,10 @@ def enable_grad():
 class Function:
     """One differentiable op. Subclasses write ``forward(*arrays, **kw)`` and ``backward(grad)``."""
 
-    inputs = ()      # the Tensor arguments (None for non-Tensor positions), set when the graph is recorded
+    inputs = ()        # per positional arg: None, the leaf Tensor, or the parent Function
+    input_shapes = ()
     saved = ()
+    replay = None      # inside a checkpoint region: how to recompute this node's forward
 
     def save(self, *arrays):
         self.saved = arrays
@@ -61,18 +70,83 @@ class Function:
         from .tensor import Tensor
         fn = cls()
         arrays = [a.data if isinstance(a, Tensor) else a for a in args]
-        out = fn.forward(*arrays, **kwargs)
-        result = Tensor(out)
+        result = Tensor(fn.forward(*arrays, **kwargs))
         if is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
-            fn.inputs = tuple(a if isinstance(a, Tensor) and a.requires_grad else None for a in args)
+            fn.inputs = tuple(_handle(a) for a in args)
+            fn.input_shapes = tuple(getattr(a, "shape", ()) for a in arrays)
             result.requires_grad = True
             result._node = fn
+            region = getattr(_state, "region", None)
+            if region is not None:
+                region.record(fn, cls, args, arrays, kwargs)
         return result
+
+
+def _handle(arg):
+    """What the graph keeps of an argument: the producing node, the leaf Tensor itself, or None."""
+    from .tensor import Tensor
+    if not isinstance(arg, Tensor) or not arg.requires_grad:
+        return None
+    return arg if arg._node is None else arg._node
+
+
+class _Region:
+    """The nodes recorded inside one checkpoint region."""
+
+    def __init__(self):
+        self.nodes = set()
+
+    def record(self, fn, cls, args, arrays, kwargs):
+        from .tensor import Tensor
+        # Arguments made inside the region are recomputed; the rest (the region's inputs) are kept as arrays.
+        sources = tuple(a._node if isinstance(a, Tensor) and id(a._node) in self.nodes else array
+                        for a, array in zip(args, arrays))
+        inputs, shapes = fn.inputs, fn.input_shapes
+        fn.__dict__.clear()  # drop every saved array; backward recomputes them
+        fn.inputs, fn.input_shapes = inputs, shapes
+        fn.replay = (cls, sources, kwargs)
+        self.nodes.add(id(fn))
+
+
+@contextlib.contextmanager
+def checkpoint_region():
+    """Ops recorded inside keep only the region's inputs; their forward is recomputed during backward."""
+    outer = getattr(_state, "region", None)
+    region = _Region()
+    if outer is not None:  # a nested region belongs to the outer one
+        region.nodes = outer.nodes
+    _state.region = region
+    try:
+        yield region
+    finally:
+        _state.region = outer
+
+
+def _recompute(node, memo):
+    """Re-run a region node's forward (and, first, of the region nodes that feed it); returns the live Function."""
+    stack = [node]
+    while stack:
+        current = stack[-1]
+        if id(current) in memo:
+            stack.pop()
+            continue
+        cls, sources, kwargs = current.replay
+        pending = [s for s in sources if isinstance(s, Function) and id(s) not in memo]
+        if pending:
+            stack.extend(pending)
+            continue
+        stack.pop()
+        live = cls()
+        live.inputs = current.inputs
+        arrays = [memo[id(s)][1] if isinstance(s, Function) else s for s in sources]
+        memo[id(current)] = (live, live.forward(*arrays, **kwargs))
+    return memo[id(node)][0]
 
 
 def unbroadcast(grad, shape):
     """Sum a gradient over the dimensions that broadcasting added or stretched, back to ``shape``."""
-    if grad.shape == tuple(shape):
+    shape = tuple(shape)
+    if grad.shape == shape:
         return grad
     extra = grad.ndim - len(shape)
     if extra:
@@ -84,25 +158,30 @@ def unbroadcast(grad, shape):
 
 
 def _topological_order(root):
-    """Nodes reachable from root, each after all the nodes that consume it (iterative DFS, no recursion)."""
-    order, visited = [], set()
+    """Nodes reachable from root, each before the nodes it feeds into come after (consumers first)."""
+    order, visited = [], {id(root)}
     stack = [(root, False)]
     while stack:
-        tensor, expanded = stack.pop()
+        node, expanded = stack.pop()
         if expanded:
-            order.append(tensor)
+            order.append(node)
             continue
-        if id(tensor) in visited:
-            continue
-        visited.add(id(tensor))
-        stack.append((tensor, True))
-        node = tensor._node
-        if node is not None:
-            for parent in node.inputs:
-                if parent is not None and id(parent) not in visited:
-                    stack.append((parent, False))
-    order.reverse()  # consumers first
+        stack.append((node, True))
+        for parent in node.inputs:
+            if isinstance(parent, Function) and id(parent) not in visited:
+                visited.add(id(parent))
+                stack.append((parent, False))
+    order.reverse()
     return order
+
+
+def _accumulate_leaf(leaf, grad):
+    from .tensor import Tensor
+    grad = grad.astype(leaf.data.dtype, copy=False)
+    if leaf.grad is None:
+        leaf.grad = Tensor(grad.copy(), dtype=leaf.dtype)
+    else:
+        leaf.grad = Tensor(leaf.grad.data + grad, dtype=leaf.dtype)
 
 
 def backward(tensor, grad=None):
@@ -119,27 +198,28 @@ def backward(tensor, grad=None):
         grad_array = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=tensor.data.dtype)
         if grad_array.shape != tensor.data.shape:
             raise ShapeError(f"backward(grad): grad has shape {grad_array.shape}, the tensor {tensor.shape}")
-    grads = {id(tensor): grad_array}
+    if tensor._node is None:
+        _accumulate_leaf(tensor, grad_array)
+        return
+    grads = {id(tensor._node): grad_array}
+    memo = {}
     with no_grad():
-        for t in _topological_order(tensor):
-            g = grads.pop(id(t), None)
+        for node in _topological_order(tensor._node):
+            g = grads.pop(id(node), None)
             if g is None:
                 continue
-            node = t._node
-            if node is None:  # a leaf
-                g = g.astype(t.data.dtype, copy=False)
-                if t.grad is None:
-                    t.grad = Tensor(g.copy() if g is grad_array else g, dtype=t.dtype)
-                else:
-                    t.grad = Tensor(t.grad.data + g, dtype=t.dtype)
-                continue
-            parent_grads = node.backward(g)
+            live = node if node.replay is None else _recompute(node, memo)
+            parent_grads = live.backward(g)
             if not isinstance(parent_grads, tuple):
                 parent_grads = (parent_grads,)
-            for parent, pg in zip(node.inputs, parent_grads):
+            for parent, shape, pg in zip(node.inputs, node.input_shapes, parent_grads):
                 if parent is None or pg is None:
                     continue
-                if pg.shape != parent.data.shape:
-                    pg = unbroadcast(pg, parent.data.shape)
+                if pg.shape != tuple(shape):
+                    pg = unbroadcast(pg, shape)
+                if not isinstance(parent, Function):
+                    _accumulate_leaf(parent, pg)
+                    continue
                 key = id(parent)
                 grads[key] = pg if key not in grads else grads[key] + pg
+            memo.pop(id(node), None)  # its consumers are done: nothing recomputes from it any more

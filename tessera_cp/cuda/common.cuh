@@ -1,0 +1,66 @@
+// Small device helpers every kernel may include: `#include "common.cuh"`.
+// Storage types float, __half and __nv_bfloat16 are read and written as float (math happens in float);
+// warp and block reductions for sums and maxima. Everything lives in namespace tessera; macros start TESSERA_.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#define TESSERA_WARP_SIZE 32
+#define TESSERA_FULL_MASK 0xffffffffu
+#define TESSERA_DEVICE __device__ __forceinline__
+
+namespace tessera {
+
+// ---- float <-> storage type -------------------------------------------------------------------------------
+TESSERA_DEVICE float to_float(float x) { return x; }
+TESSERA_DEVICE float to_float(__half x) { return __half2float(x); }
+TESSERA_DEVICE float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> TESSERA_DEVICE T from_float(float x);
+template <> TESSERA_DEVICE float from_float<float>(float x) { return x; }
+template <> TESSERA_DEVICE __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> TESSERA_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T> TESSERA_DEVICE float load_float(const T *p, long long i) { return to_float(p[i]); }
+template <typename T> TESSERA_DEVICE void store_float(T *p, long long i, float v) { p[i] = from_float<T>(v); }
+
+TESSERA_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
+TESSERA_DEVICE long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
+
+// ---- reductions -------------------------------------------------------------------------------------------
+struct SumOp {
+    TESSERA_DEVICE float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {
+    TESSERA_DEVICE float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// Every lane of a full warp gets the reduction of the 32 values (butterfly; all 32 lanes must take part).
+template <typename Op> TESSERA_DEVICE float warp_reduce(float v, Op op) {
+#pragma unroll
+    for (int offset = TESSERA_WARP_SIZE / 2; offset > 0; offset >>= 1)
+        v = op(v, __shfl_xor_sync(TESSERA_FULL_MASK, v, offset));
+    return v;
+}
+TESSERA_DEVICE float warp_sum(float v) { return warp_reduce(v, SumOp()); }
+TESSERA_DEVICE float warp_max(float v) { return warp_reduce(v, MaxOp()); }
+
+// Every thread of the block gets the reduction of one value per thread.
+// Limits: a 1-D block (threadIdx.x) whose size is a multiple of 32, at most 1024; every thread must call it
+// (it contains __syncthreads). Calls may follow one another: the first barrier keeps a later call from
+// overwriting partials an earlier one is still reading.
+template <typename Op> TESSERA_DEVICE float block_reduce(float v, Op op, float identity) {
+    __shared__ float partials[TESSERA_WARP_SIZE];
+    const int lane = threadIdx.x % TESSERA_WARP_SIZE, warp = threadIdx.x / TESSERA_WARP_SIZE;
+    const int warps = (blockDim.x + TESSERA_WARP_SIZE - 1) / TESSERA_WARP_SIZE;
+    v = warp_reduce(v, op);
+    __syncthreads();
+    if (lane == 0) partials[warp] = v;
+    __syncthreads();
+    return warp_reduce(lane < warps ? partials[lane] : identity, op);
+}
+TESSERA_DEVICE float block_sum(float v) { return block_reduce(v, SumOp(), 0.0f); }
+TESSERA_DEVICE float block_max(float v) { return block_reduce(v, MaxOp(), neg_inf()); }
+
+}  // namespace tessera
