@@ -6,7 +6,9 @@ from .backend import cuda_available, default_device, info as _backend_info
 from .dtypes import (DType, bf16, bool_, f16, f32, f64, finfo, fp8_e4m3, fp8_e5m2, iinfo, int8, int32, int64,
                      uint8)
 from .errors import (CompileError, DeviceError, DTypeError, IndexOutOfRangeError, ShapeError, TesseraError)
+from .kernel import kernel
 from .precision import precision
+from .shapes import Tile, function
 from .tensor import (Generator, Tensor, arange, cat, empty, empty_like, eye, full, full_like, manual_seed, matmul,
                      ones, ones_like, rand, rand_like, randint, randn, randn_like, stack, tensor, where, zeros,
                      zeros_like)
@@ -38,13 +40,7 @@ del _name
 
 def __getattr__(name):
     # Later layers load on first use, so `import tessera_cp` stays light.
-    if name in ("shapes", "kernel", "function", "Tile", "fp8", "nn", "comm", "cuda", "testing", "optim"):
+    if name in ("fp8", "nn", "comm", "cuda", "testing", "optim"):
         import importlib
-        if name == "function":
-            return importlib.import_module(".shapes", __name__).function
-        if name == "Tile":
-            return importlib.import_module(".shapes", __name__).Tile
-        if name == "kernel":
-            return importlib.import_module(".kernel", __name__).kernel
         return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'tessera_cp' has no attribute {name!r}")
