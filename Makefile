@@ -9,7 +9,7 @@ VPY := $(VENV)/bin/python
 $(VENV)/.installed: setup.py
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -e '.[test,mpi]'
 	touch $@
 
 run: $(VENV)/.installed
