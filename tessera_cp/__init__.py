@@ -38,9 +38,15 @@ for _name in ("exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "r
 del _name
 
 
+_MESH_NAMES = ("Mesh", "MeshTensor", "on_mesh", "mesh_reduce", "all_reduce", "all_gather", "reduce_scatter",
+               "broadcast", "barrier", "ring_exchange", "distribute")
+
+
 def __getattr__(name):
     # Later layers load on first use, so `import tessera_cp` stays light.
+    import importlib
     if name in ("fp8", "nn", "comm", "cuda", "testing", "optim"):
-        import importlib
         return importlib.import_module("." + name, __name__)
+    if name in _MESH_NAMES:  # the seeds' tessera.Mesh, tessera.mesh_reduce, ...
+        return getattr(importlib.import_module(".comm", __name__), name)
     raise AttributeError(f"module 'tessera_cp' has no attribute {name!r}")

@@ -3,3 +3,5 @@ from . import init
 from .layers import Dropout, Embedding, Linear, dropout, embedding, linear
 from .module import Buffer, Module, ModuleList, Parameter, Sequential
 from .serialization import load_safetensors, save_safetensors
+from .loss import (fused_linear_cross_entropy, log_softmax_stable, softmax_cross_entropy, stable_contrastive_loss,
+                   stable_cross_entropy, stable_max_margin_loss)
