@@ -53,6 +53,8 @@ def cuda_bench(benchmark):
     if not backend.cuda_available():
         pytest.skip("needs a CUDA GPU")
 
+    timed_by_pytest_benchmark = []
+
     def run(name, ours, *, bytes=0, flops=0, baselines=None):
         results = {"tessera_cp": time_cuda(ours)}
         for label, fn in (baselines or {}).items():
@@ -63,8 +65,10 @@ def cuda_bench(benchmark):
             print(line)
             _rows.append(line)
         benchmark.extra_info.update({f"{label} ms": ms for label, ms in results.items()}, bytes=bytes, flops=flops)
-        benchmark.pedantic(lambda: (ours(), cupy.cuda.get_current_stream().synchronize()), rounds=20,
-                           warmup_rounds=2)
+        if not timed_by_pytest_benchmark:  # pytest-benchmark times one callable per test: the first
+            timed_by_pytest_benchmark.append(name)
+            benchmark.pedantic(lambda: (ours(), cupy.cuda.get_current_stream().synchronize()), rounds=20,
+                               warmup_rounds=2)
         return results
     return run
 

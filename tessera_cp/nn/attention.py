@@ -1,0 +1,523 @@
+"""Scaled dot-product attention: ``attention`` (= ``flash_attention``), GQA/MQA, ALiBi, dropout, chunked attention.
+
+``attention(q, k, v, mask=None, dropout_p=0.0, is_causal=False, scale=None)`` with q ``[B, Hq, Sq, D]`` and k, v
+``[B, Hkv, Sk, D]`` (``Hq`` a multiple of ``Hkv``: grouped-query attention, ``Hkv = 1`` multi-query; query head h
+reads KV head ``h // (Hq // Hkv)``, nothing is expanded or copied) computes ``softmax(scale * q k^T + bias) v``:
+
+* ``is_causal``: query i sees keys ``j <= i + Sk - Sq`` (aligned to the bottom-right, what decoding against a KV
+  cache needs); with ``Sq > Sk`` the first ``Sq - Sk`` rows see nothing;
+* ``mask``: boolean (True = attend, as PyTorch's SDPA) or additive float, broadcastable to ``[B, Hq, Sq, Sk]``;
+* ``alibi_slopes`` (``[Hq]`` or ``[B, Hq]``): bias ``-slope * |i + Sk - Sq - j|``, computed in the kernel;
+* a row that sees no key at all gives zeros (never NaN) and a log-sum-exp of +inf;
+* ``dropout_p``: dropout on the probabilities with a counter-based RNG (Philox4x32-10 keyed by ``dropout_seed``,
+  counter = element index and ``dropout_offset``), so the same seed gives the same mask, forward and backward.
+
+The reference (array-module generic: NumPy on the CPU, CuPy on the GPU) computes in f32 for half inputs (f64 for
+f64) and is the oracle for the kernels. The CUDA path (``cuda/attention.cu``, ``cuda/attention_bwd.cu``) runs for
+CuPy bf16/f16 inputs with head dim 32, 64, 96, 128 or 256 (backward: up to 128), equal q/k and v head dims and no
+dropout, unless ``TESSERA_REFERENCE=1``; short queries against long keys (decode) pack the query heads of a KV group
+into one tile and split the keys across blocks (flash-decoding), merged by log-sum-exp. The backward recomputes the
+probabilities from the saved log-sum-exp (nothing S x S is kept), and is deterministic (no atomics).
+"""
+import math
+import os
+
+import numpy
+
+from .. import backend, dtypes
+from ..autograd import Function
+from ..errors import DeviceError, DTypeError, ShapeError, TesseraError
+from ..precision import accumulate_storage
+from ..tensor import Tensor, cat, randint, tensor, where
+
+__all__ = ["attention", "flash_attention", "grouped_query_attention", "multi_query_attention", "chunked_attention",
+           "alibi_slopes", "alibi_bias", "dropout_keep_mask", "philox4x32"]
+
+_KERNEL_TYPES = {numpy.dtype(numpy.float16): "__half", dtypes.bf16.storage: "__nv_bfloat16"}
+# Tile shapes per head dim, as the kernels' template arguments: forward (warps, 16-row tiles per warp MT, keys per
+# tile BN, blocks per SM the registers are sized for; a block owns 16 * MT * warps query rows), the same for decode
+# (packed query groups, split keys), dQ (warps, BN), dK/dV (warps: a block owns 16 * warps keys, queries per tile
+# BMQ). The instantiations attention.cu / attention_bwd.cu list must include the 64 and 128 ones; the sweep in
+# bench/bench_attention.py (TESSERA_ATTN_SWEEP=1) compares alternatives.
+_FWD_TILES = {32: (4, 1, 64, 2), 64: (4, 1, 64, 4), 96: (8, 1, 64, 1), 128: (8, 1, 32, 2), 256: (8, 1, 32, 1)}
+_DECODE_TILES = {32: (4, 1, 64, 2), 64: (4, 1, 64, 2), 96: (4, 1, 64, 2), 128: (4, 1, 64, 2), 256: (8, 1, 32, 1)}
+_DQ_TILES = {32: (4, 64), 64: (4, 64), 96: (8, 32), 128: (4, 32)}
+_DKDV_TILES = {32: (8, 64), 64: (4, 64), 96: (8, 32), 128: (4, 32)}
+_TARGET_BLOCKS_PER_SM = 2  # split-KV aims at this many blocks per multiprocessor when a launch is too small
+
+
+# ------------------------------------------------------------------------------------------------ ALiBi helpers
+def _alibi_slope_list(n):
+    """The ALiBi paper's slopes: 2^(-8i/n) for i = 1..n when n is a power of two; otherwise those of the power of
+    two below, then every other slope of the power of two above."""
+    if n & (n - 1) == 0:
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+    below = 2 ** int(math.floor(math.log2(n)))
+    return _alibi_slope_list(below) + _alibi_slope_list(2 * below)[0::2][:n - below]
+
+
+def alibi_slopes(num_heads, device=None):
+    """ALiBi slopes for ``num_heads`` heads, an f32 tensor of shape [num_heads]."""
+    if not isinstance(num_heads, (int, numpy.integer)) or num_heads < 1:
+        raise ShapeError(f"alibi_slopes: num_heads must be a positive int, got {num_heads!r}")
+    return tensor(numpy.asarray(_alibi_slope_list(int(num_heads)), dtype=numpy.float32), device=device)
+
+
+def alibi_bias(seq_len, num_heads, key_len=None, dtype=None, device=None):
+    """The [num_heads, seq_len, key_len] bias ``-slope_h * |i + key_len - seq_len - j|`` that ``attention(...,
+    alibi_slopes=alibi_slopes(num_heads))`` adds inside the kernel (for use as an explicit mask elsewhere)."""
+    key_len = seq_len if key_len is None else key_len
+    slopes = numpy.asarray(_alibi_slope_list(int(num_heads)), dtype=numpy.float64)
+    i = numpy.arange(seq_len)[:, None] + (key_len - seq_len)
+    dist = numpy.abs(i - numpy.arange(key_len)[None, :])
+    bias = -slopes[:, None, None] * dist[None]
+    return tensor(bias.astype(numpy.float32), dtype=dtype or dtypes.f32, device=device)
+
+
+# ------------------------------------------------------------------------------------------------ Philox dropout
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_U32 = 0xFFFFFFFF
+
+
+def philox4x32(counter, key, rounds=10):
+    """Philox4x32 (Salmon et al. 2011) on arrays: ``counter`` is four arrays (or ints) of 32-bit words, ``key``
+    two; returns four uint64 arrays holding the 32-bit outputs. Works on NumPy and CuPy arrays alike."""
+    c0, c1, c2, c3 = counter
+    xp = backend.array_module(*[c for c in counter if hasattr(c, "dtype")])
+    c0, c1, c2, c3 = (xp.asarray(c, dtype=xp.uint64) for c in (c0, c1, c2, c3))
+    k0, k1 = (int(x) & _U32 for x in key)
+    for _ in range(rounds):
+        p0 = c0 * _PHILOX_M[0]  # 32 x 32 -> 64-bit products: the high and low words are the mulhilo pair
+        p1 = c2 * _PHILOX_M[1]
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & _U32, (p0 >> 32) ^ c3 ^ k1, p0 & _U32
+        k0, k1 = (k0 + _PHILOX_W[0]) & _U32, (k1 + _PHILOX_W[1]) & _U32
+    return c0, c1, c2, c3
+
+
+def dropout_keep_mask(shape, p, seed, offset=0, xp=numpy):
+    """The boolean keep-mask attention's dropout uses for probabilities of ``shape`` ([B, Hq, Sq, Sk]).
+
+    Element f (row-major flat index) takes 32-bit word f % 4 of Philox4x32-10 with key = (seed low, seed high)
+    and counter = (f // 4 low, f // 4 high, offset low, offset high); it is kept when that word >= p * 2^32.
+    """
+    n = int(numpy.prod(shape))
+    groups = xp.arange((n + 3) // 4, dtype=xp.uint64)
+    words = philox4x32((groups & _U32, groups >> 32, offset & _U32, (offset >> 32) & _U32),
+                       (seed & _U32, (seed >> 32) & _U32))
+    bits = xp.stack(words, axis=-1).reshape(-1)[:n]
+    threshold = min(int(p * 4294967296.0), 4294967295)
+    return (bits >= threshold).reshape(shape)
+
+
+# ------------------------------------------------------------------------------------------------ the reference
+def _scores(q, k, mask, slopes, scale, causal, acc):
+    """scale * q k^T + bias, masked entries -inf: [B, Hq, Sq, Sk] in ``acc`` (a query group shares its KV head)."""
+    xp = backend.array_module(q, k)
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    qg = q.astype(acc).reshape(B, Hkv, Hq // Hkv, Sq, D)
+    s = xp.matmul(qg, xp.swapaxes(k.astype(acc), -1, -2)[:, :, None]) * acc.type(scale)
+    s = s.reshape(B, Hq, Sq, Sk)
+    if slopes is not None:
+        dist = xp.abs(xp.arange(Sq)[:, None] + (Sk - Sq) - xp.arange(Sk)[None, :]).astype(acc)
+        s = s - slopes.astype(acc).reshape(-1, Hq, 1, 1) * dist
+    if mask is not None:
+        s = xp.where(mask, s, -xp.inf) if mask.dtype == numpy.bool_ else s + mask.astype(acc)
+    if causal:
+        seen = xp.arange(Sk)[None, :] <= xp.arange(Sq)[:, None] + (Sk - Sq)
+        s = xp.where(seen, s, -xp.inf)
+    return s
+
+
+def _forward_reference(q, k, v, mask, slopes, scale, causal, keep_scale):
+    """(out in q's dtype, lse in the accumulation dtype); keep_scale: None, or the dropout mask times 1/(1-p)."""
+    xp = backend.array_module(q, k, v)
+    acc = accumulate_storage(q.dtype)
+    s = _scores(q, k, mask, slopes, scale, causal, acc)
+    m = s.max(axis=-1, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0)          # a row that sees nothing: any finite shift
+    p = xp.exp(s - m)
+    total = p.sum(axis=-1, keepdims=True)
+    seen = total > 0
+    total = xp.where(seen, total, 1)
+    p = p / total
+    lse = xp.where(seen, xp.log(total) + m, xp.inf)[..., 0]
+    if keep_scale is not None:
+        p = p * keep_scale
+    B, Hq, Sq, Sk = s.shape
+    Hkv = k.shape[1]
+    out = xp.matmul(p.reshape(B, Hkv, Hq // Hkv, Sq, Sk), v.astype(acc)[:, :, None])
+    return out.reshape(B, Hq, Sq, v.shape[-1]).astype(q.dtype), lse
+
+
+def _backward_reference(grad, q, k, v, mask, slopes, lse, scale, causal, keep_scale, need):
+    """Gradients (dq, dk, dv, dmask, dslopes) from the recomputed probabilities; ``need`` says which of mask and
+    slopes want theirs."""
+    xp = backend.array_module(q, k, v, grad)
+    acc = lse.dtype
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    s = _scores(q, k, mask, slopes, scale, causal, acc)
+    p = xp.exp(s - lse[..., None])                # lse = +inf (row sees nothing): p = 0
+    g = grad.astype(acc).reshape(B, Hkv, G, Sq, -1)
+    dp = xp.matmul(g, xp.swapaxes(v.astype(acc), -1, -2)[:, :, None]).reshape(B, Hq, Sq, Sk)
+    pd = p
+    if keep_scale is not None:                    # out = (p * keep / (1 - p_drop)) v
+        pd, dp = p * keep_scale, dp * keep_scale
+    dv = xp.matmul(xp.swapaxes(pd.reshape(B, Hkv, G, Sq, Sk), -1, -2), g).sum(axis=2)
+    ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))   # d loss / d (scaled score + bias)
+    ds5 = ds.reshape(B, Hkv, G, Sq, Sk)
+    dq = xp.matmul(ds5, k.astype(acc)[:, :, None]).reshape(B, Hq, Sq, D) * acc.type(scale)
+    dk = xp.matmul(xp.swapaxes(ds5, -1, -2), q.astype(acc).reshape(B, Hkv, G, Sq, D)).sum(axis=2) * acc.type(scale)
+    dmask = ds.astype(mask.dtype) if need[0] else None
+    dslopes = None
+    if need[1]:
+        dist = xp.abs(xp.arange(Sq)[:, None] + (Sk - Sq) - xp.arange(Sk)[None, :]).astype(acc)
+        dslopes = -(ds * dist).sum(axis=(2, 3))   # [B, Hq]
+        dslopes = (dslopes.sum(axis=0) if slopes.ndim == 1 else dslopes).astype(slopes.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dmask, dslopes
+
+
+# ------------------------------------------------------------------------------------------------ the CUDA path
+def _kernel_ready(q, k, v, mask, slopes, dropout_p):
+    if os.environ.get("TESSERA_REFERENCE", "") == "1" or dropout_p > 0:
+        return False
+    arrays = [a for a in (q, k, v, mask, slopes) if a is not None]
+    if not all(backend.is_cupy_array(a) for a in arrays):
+        return False
+    return (q.dtype in _KERNEL_TYPES and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[-1] in _FWD_TILES
+            and v.shape[-1] == q.shape[-1])
+
+
+def _rows_ready(x):
+    """x itself when its rows suit the kernels (unit stride along D, other strides multiples of 16 bytes,
+    16-byte aligned), else a contiguous copy. Returns (array, element strides of dims 0..2)."""
+    item = x.dtype.itemsize
+    strides = x.strides
+    if (strides[-1] != item or any(s < 0 or s % 16 for s in strides[:3]) or x.data.ptr % 16):
+        xp = backend.array_module(x)
+        x = xp.ascontiguousarray(x)
+        strides = x.strides
+    return x, tuple(numpy.int64(s // item) for s in strides[:3])
+
+
+_per_device = {}  # device id -> (multiprocessor count, an f32 and a uint8 placeholder for absent kernel arguments)
+
+
+def _device_info(xp):
+    dev = xp.cuda.runtime.getDevice()
+    if dev not in _per_device:
+        sms = xp.cuda.runtime.deviceGetAttribute(16, dev)  # cudaDevAttrMultiProcessorCount
+        with xp.cuda.Device(dev):
+            _per_device[dev] = (sms, xp.zeros(1, dtype=xp.float32), xp.zeros(1, dtype=xp.uint8))
+    return _per_device[dev]
+
+
+def _mask_args(mask, slopes, xp):
+    """Kernel arguments for the mask and ALiBi: (mask_f, mask_b, slopes, 4 mask strides, slopes_sb, kind, alibi)."""
+    _, dummy_f, dummy_b = _device_info(xp)
+    kind, mask_f, mask_b, strides = 0, dummy_f, dummy_b, (0, 0, 0, 0)
+    if mask is not None:
+        m = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        if m.dtype == numpy.bool_:
+            kind, mask_b = 2, m.view(xp.uint8)
+            m = mask_b
+        else:
+            kind, mask_f = 1, m.astype(xp.float32, copy=False)
+            m = mask_f
+        strides = tuple(0 if m.shape[d] == 1 else m.strides[d] // m.dtype.itemsize for d in range(4))
+    slopes_arr, slopes_sb, alibi = dummy_f, 0, 0
+    if slopes is not None:
+        slopes_arr = xp.ascontiguousarray(slopes.astype(xp.float32, copy=False))
+        alibi = 1
+        slopes_sb = slopes_arr.shape[-1] if slopes_arr.ndim == 2 and slopes_arr.shape[0] > 1 else 0
+    i64, i32 = numpy.int64, numpy.int32
+    return (mask_f, mask_b, slopes_arr), tuple(i64(s) for s in strides), (i32(slopes_sb),), kind, alibi
+
+
+_kernels = {}  # (source, name, device id) -> kernel: a dict lookup per launch instead of the runtime's bookkeeping
+
+
+def _kernel(source, name):
+    from ..cuda import runtime
+    import cupy
+    key = (source, name, cupy.cuda.runtime.getDevice())
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = _kernels[key] = runtime.get_kernel(source, name)
+    return kernel
+
+
+def _alloc(xp, shape, dtype):
+    """Kernel outputs (tests replace this with a NaN-filled allocation to catch elements no kernel wrote)."""
+    return xp.empty(shape, dtype=dtype)
+
+
+def _forward_kernel(q, k, v, mask, slopes, scale, causal):
+    from ..cuda import runtime
+    xp = backend.array_module(q)
+    i32, f32 = numpy.int32, numpy.float32
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    ctype = _KERNEL_TYPES[q.dtype]
+    # Short queries of a KV group (decode) share one tile when that reads each K/V byte fewer times.
+    w, m = _DECODE_TILES[D][:2]
+    pack = G > 1 and -(-G * Sq // (16 * w * m)) < G * -(-Sq // (16 * _FWD_TILES[D][0] * _FWD_TILES[D][1]))
+    warps, mt, bn, minb = (_DECODE_TILES if pack else _FWD_TILES)[D]
+    bm = 16 * mt * warps
+    q, q_st = _rows_ready(q)
+    k, k_st = _rows_ready(k)
+    v, v_st = _rows_ready(v)
+    pointers, m_st, slope_sb, kind, alibi = _mask_args(mask, slopes, xp)
+    extra = "true" if (kind or alibi) else "false"
+    rows = G * Sq if pack else Sq
+    m_blocks, heads = -(-rows // bm), (Hkv if pack else Hq)
+    tiles = -(-Sk // bn)
+    n_splits, per_split = 1, tiles
+    blocks = m_blocks * heads * B
+    target = max(_TARGET_BLOCKS_PER_SM, minb) * _device_info(xp)[0]
+    if blocks < target and tiles > 1:   # too few blocks to fill the GPU: split the keys (flash-decoding)
+        per_split = max(1, -(-tiles // min(tiles, -(-target // blocks), 65535 // B)))
+        n_splits = -(-tiles // per_split)
+    o = _alloc(xp, (B, Hq, Sq, D), q.dtype)
+    lse = _alloc(xp, (B, Hq, Sq), xp.float32)
+    if n_splits > 1:
+        o_part = _alloc(xp, (n_splits, B, Hq, Sq, D), xp.float32)
+        lse_part = _alloc(xp, (n_splits, B, Hq, Sq), xp.float32)
+    else:
+        o_part = lse_part = _device_info(xp)[1]
+    kernel = _kernel("attention.cu", f"attn_fwd<{ctype}, {D}, {warps}, {mt}, {bn}, {minb}, {extra}>")
+    smem = (bm + 4 * bn) * (D + 8) * q.dtype.itemsize
+    args = (q, k, v, o, lse, o_part, lse_part, *pointers, i32(Hq), i32(Hkv), i32(Sq), i32(Sk), *q_st, *k_st,
+            *v_st, *m_st, *slope_sb, f32(scale), i32(bool(causal)), i32(kind), i32(alibi), i32(pack),
+            i32(n_splits), i32(per_split))
+    runtime.launch(kernel, (m_blocks, heads, B * n_splits), (32 * warps,), args, shared_mem=smem)
+    if n_splits > 1:
+        combine = _kernel("attention.cu", f"attn_combine<{ctype}, {D}>")
+        n_rows = B * Hq * Sq
+        runtime.launch(combine, (-(-n_rows // 8),), (256,), (o_part, lse_part, o, lse, numpy.int64(n_rows),
+                                                              i32(n_splits)))
+    return o, lse
+
+
+def _backward_kernel(grad, q, k, v, out, lse, mask, slopes, scale, causal):
+    from ..cuda import runtime
+    xp = backend.array_module(q)
+    i32, f32 = numpy.int32, numpy.float32
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    ctype = _KERNEL_TYPES[q.dtype]
+    item = q.dtype.itemsize
+    dout = xp.ascontiguousarray(grad.astype(q.dtype, copy=False))
+    out = xp.ascontiguousarray(out)
+    q, q_st = _rows_ready(q)
+    k, k_st = _rows_ready(k)
+    v, v_st = _rows_ready(v)
+    pointers, m_st, slope_sb, kind, alibi = _mask_args(mask, slopes, xp)
+    extra = "true" if (kind or alibi) else "false"
+    tail = (*pointers, i32(Hq), i32(Hkv), i32(Sq), i32(Sk), *q_st, *k_st, *v_st, *m_st, *slope_sb, f32(scale),
+            i32(bool(causal)), i32(kind), i32(alibi))
+
+    n_rows = B * Hq * Sq
+    dr = _alloc(xp, (n_rows,), xp.float32)
+    runtime.launch(_kernel("attention_bwd.cu", f"attn_bwd_dot<{ctype}, {D}>"), (-(-n_rows // 8),),
+                   (256,), (dout, out, dr, numpy.int64(n_rows)))
+    lse = xp.ascontiguousarray(lse.astype(xp.float32, copy=False))
+
+    dq = _alloc(xp, (B, Hq, Sq, D), q.dtype)
+    warps, bn = _DQ_TILES[D]
+    bm = 16 * warps
+    kernel = _kernel("attention_bwd.cu", f"attn_bwd_dq<{ctype}, {D}, {warps}, {bn}, {extra}>")
+    runtime.launch(kernel, (-(-Sq // bm), Hq, B), (32 * warps,), (q, k, v, dout, lse, dr, dq, *tail),
+                   shared_mem=(2 * bm + 4 * bn) * (D + 8) * item)
+
+    dk = _alloc(xp, (B, Hkv, Sk, D), q.dtype)
+    dv = _alloc(xp, (B, Hkv, Sk, D), q.dtype)
+    warps, bmq = _DKDV_TILES[D]
+    bnk = 16 * warps
+    kernel = _kernel("attention_bwd.cu", f"attn_bwd_dkdv<{ctype}, {D}, {warps}, {bmq}, {extra}>")
+    runtime.launch(kernel, (-(-Sk // bnk), Hkv, B), (32 * warps,), (q, k, v, dout, lse, dr, dk, dv, *tail),
+                   shared_mem=(2 * bnk + 4 * bmq) * (D + 8) * item + 4 * bmq * 4)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------ the Function
+class _Attention(Function):
+    """Inputs q, k, v, mask (or None), slopes (or None); saves q, k, v, the output and the log-sum-exp."""
+
+    def forward(self, q, k, v, mask, slopes, scale, causal, dropout_p, seed, offset):
+        self.scale, self.causal, self.dropout_p, self.seed, self.offset = scale, causal, dropout_p, seed, offset
+        self.used_kernel = _kernel_ready(q, k, v, mask, slopes, dropout_p)
+        if self.used_kernel:
+            out, lse = _forward_kernel(q, k, v, mask, slopes, scale, causal)
+        else:
+            out, lse = _forward_reference(q, k, v, mask, slopes, scale, causal, self._keep_scale(q, k))
+        self.save(q, k, v, mask, slopes, out, lse)
+        return out
+
+    def _keep_scale(self, q, k):
+        if self.dropout_p == 0:
+            return None
+        xp = backend.array_module(q)
+        shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        keep = dropout_keep_mask(shape, self.dropout_p, self.seed, self.offset, xp)
+        return keep.astype(accumulate_storage(q.dtype)) * (1.0 / (1.0 - self.dropout_p))
+
+    def backward(self, grad):
+        q, k, v, mask, slopes, out, lse = self.saved
+        need = (mask is not None and self.inputs[3] is not None, slopes is not None and self.inputs[4] is not None)
+        if self.used_kernel and not any(need) and q.shape[-1] in _DQ_TILES:
+            dq, dk, dv = _backward_kernel(grad, q, k, v, out, lse, mask, slopes, self.scale, self.causal)
+            return dq, dk, dv, None, None
+        if lse.dtype != accumulate_storage(q.dtype):
+            lse = lse.astype(accumulate_storage(q.dtype))
+        return _backward_reference(grad, q, k, v, mask, slopes, lse, self.scale, self.causal,
+                                   self._keep_scale(q, k), need)
+
+
+# ------------------------------------------------------------------------------------------------ public API
+def _as_tensor(x, what, device=None):
+    if x is None or isinstance(x, Tensor):
+        return x
+    try:
+        return tensor(x, device=device)
+    except Exception as e:  # noqa: BLE001 - re-raised as ours, naming the argument
+        raise TesseraError(f"attention: {what} must be a Tensor or array-like, got {type(x).__name__}") from e
+
+
+def _check(q, k, v, mask, slopes, dropout_p, scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.ndim != 4:
+            raise ShapeError(f"attention: {name} must be [B, H, S, D], got shape {t.shape}")
+        if not t.dtype.is_floating or t.dtype.is_fp8:
+            raise DTypeError(f"attention: {name} must be f16, bf16, f32 or f64, got {t.dtype.name}")
+    if not (q.dtype is k.dtype is v.dtype):
+        raise DTypeError(f"attention: q, k, v must share a dtype, got {q.dtype.name}, {k.dtype.name}, {v.dtype.name}")
+    devices = {t.device for t in (q, k, v, mask, slopes) if t is not None}
+    if len(devices) > 1:
+        raise DeviceError(f"attention: inputs on different devices {sorted(devices)}")
+    (B, Hq, Sq, D), (Bk, Hkv, Sk, Dk), (Bv, Hv, Sv, _) = q.shape, k.shape, v.shape
+    if Bk != B or Bv != B:
+        raise ShapeError(f"attention: batch sizes differ: q {B}, k {Bk}, v {Bv}")
+    if Dk != D:
+        raise ShapeError(f"attention: q and k head dims differ: {D} and {Dk}")
+    if Hv != Hkv or Sv != Sk:
+        raise ShapeError(f"attention: k {k.shape} and v {v.shape} must agree in heads and length")
+    if Hq % Hkv:
+        raise ShapeError(f"attention: query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if min(Sq, Sk, D, Hq, B) == 0:
+        raise ShapeError(f"attention: empty inputs q {q.shape}, k {k.shape}")
+    if mask is not None:
+        if mask.dtype is not dtypes.bool_ and not (mask.dtype.is_floating and not mask.dtype.is_fp8):
+            raise DTypeError(f"attention: mask must be bool or floating, got {mask.dtype.name}")
+        full = (B, Hq, Sq, Sk)
+        if mask.ndim > 4 or any(m not in (1, f) for m, f in zip(mask.shape[::-1], full[::-1])):
+            raise ShapeError(f"attention: mask of shape {mask.shape} does not broadcast to [B, Hq, Sq, Sk] = {full}")
+    if slopes is not None:
+        if slopes.shape not in ((Hq,), (1, Hq), (B, Hq)):
+            raise ShapeError(f"attention: alibi_slopes must be [Hq] or [B, Hq] = [{B}, {Hq}], got {slopes.shape}")
+        if not slopes.dtype.is_floating or slopes.dtype.is_fp8:
+            raise DTypeError(f"attention: alibi_slopes must be floating, got {slopes.dtype.name}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise TesseraError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is not None and not math.isfinite(scale):
+        raise TesseraError(f"attention: scale must be a finite number, got {scale}")
+
+
+def attention(q, k, v, mask=None, dropout_p=0.0, is_causal=False, scale=None, *, alibi_slopes=None,
+              dropout_seed=None, dropout_offset=0):
+    """softmax(scale * q k^T + bias) v over q [B, Hq, Sq, D], k and v [B, Hkv, Sk, D] (module docstring).
+
+    ``scale`` defaults to 1/sqrt(D). ``dropout_seed`` (an int) fixes the dropout mask; when None one is drawn from
+    tessera_cp's default generator (``tessera_cp.manual_seed`` makes it reproducible).
+    """
+    q = _as_tensor(q, "q")
+    k, v = _as_tensor(k, "k", q.device), _as_tensor(v, "v", q.device)
+    mask, slopes = _as_tensor(mask, "mask", q.device), _as_tensor(alibi_slopes, "alibi_slopes", q.device)
+    dropout_p = float(dropout_p)
+    _check(q, k, v, mask, slopes, dropout_p, scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    seed = 0
+    if dropout_p > 0:
+        if dropout_seed is None:
+            words = randint(0, 2 ** 31, size=(2,), device="cpu").data
+            dropout_seed = (int(words[0]) << 31) | int(words[1])
+        seed = int(dropout_seed) & (2 ** 64 - 1)
+    return _Attention.apply(q, k, v, mask, slopes, scale=scale, causal=bool(is_causal), dropout_p=dropout_p,
+                            seed=seed, offset=int(dropout_offset))
+
+
+flash_attention = attention  # the seeds' ops.flash_attention
+
+
+def grouped_query_attention(q, k, v, is_causal=True, mask=None, scale=None, **kwargs):
+    """Attention of q [B, Hq, S, D] over k, v [B, Hkv, S, D] (Hq a multiple of Hkv): each KV head serves its group
+    of Hq / Hkv query heads in the kernel (no K/V copies); dK and dV sum over the group."""
+    return attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale, **kwargs)
+
+
+def multi_query_attention(q, k, v, is_causal=True, mask=None, scale=None, **kwargs):
+    """Attention of every query head over one shared KV head: k, v are [B, S, D] (or [B, 1, S, D])."""
+    k, v = _as_tensor(k, "k"), _as_tensor(v, "v")
+    if k.ndim == 3:
+        k = k.unsqueeze(1)
+    if v.ndim == 3:
+        v = v.unsqueeze(1)
+    if k.ndim != 4 or k.shape[1] != 1:
+        raise ShapeError(f"multi_query_attention: k must be [B, S, D] or [B, 1, S, D], got {k.shape}")
+    return attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale, **kwargs)
+
+
+def chunked_attention(q, k, v, chunk_size=512, is_causal=False, scale=None):
+    """Attention computed over chunk_size x chunk_size blocks with an online softmax (running max and sum, the
+    partial results rescaled whenever the max grows), built from differentiable Tensor ops: memory per step is
+    O(chunk_size^2) on any backend. Same conventions as ``attention`` (GQA, bottom-right causal)."""
+    q, k, v = _as_tensor(q, "q"), _as_tensor(k, "k"), _as_tensor(v, "v")
+    _check(q, k, v, None, None, 0.0, scale)
+    if not isinstance(chunk_size, (int, numpy.integer)) or chunk_size < 1:
+        raise ShapeError(f"chunked_attention: chunk_size must be a positive int, got {chunk_size!r}")
+    dtype = q.dtype
+    work = dtypes.f64 if dtype is dtypes.f64 else dtypes.f32
+    q, k, v = q.astype(work), k.astype(work), v.astype(work)
+    xp = backend.array_module(q.data)
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    G, diag = Hq // Hkv, Sk - Sq
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    qg, kg, vg = q.reshape(B, Hkv, G, Sq, D), k.unsqueeze(2), v.unsqueeze(2)
+    pieces = []
+    for i0 in range(0, Sq, chunk_size):
+        i1 = min(i0 + chunk_size, Sq)
+        qc = qg[:, :, :, i0:i1]
+        running = base = total = acc = None   # running max (raw), its finite shift, sum of exp, sum of exp * v
+        for j0 in range(0, Sk, chunk_size):
+            j1 = min(j0 + chunk_size, Sk)
+            if is_causal and j0 > i1 - 1 + diag:
+                break  # this and later key chunks are hidden from every row of the chunk
+            s = (qc @ kg[:, :, :, j0:j1].transpose(-2, -1)) * scale
+            if is_causal:
+                hidden = xp.arange(j0, j1)[None, :] > xp.arange(i0, i1)[:, None] + diag
+                if bool(hidden.any()):
+                    s = s.masked_fill(Tensor(hidden), float("-inf"))
+            # The shift is a constant of the graph: the result does not depend on it, so neither does its gradient.
+            block_max = s.data.max(axis=-1, keepdims=True)
+            running = block_max if running is None else xp.maximum(running, block_max)
+            new_base = xp.where(xp.isfinite(running), running, 0).astype(s.data.dtype)
+            p = (s - Tensor(new_base)).exp()
+            pv = p @ vg[:, :, :, j0:j1]
+            if acc is None:
+                total, acc = p.sum(dim=-1, keepdim=True), pv
+            else:
+                rescale = Tensor(xp.exp(base - new_base))
+                total, acc = total * rescale + p.sum(dim=-1, keepdim=True), acc * rescale + pv
+            base = new_base
+        if acc is None:  # causal rows that see no key
+            out = tensor(xp.zeros((B, Hkv, G, i1 - i0, v.shape[-1]), dtype=work.storage), dtype=work)
+        else:
+            out = acc / where(total > 0, total, 1.0)
+        pieces.append(out)
+    out = pieces[0] if len(pieces) == 1 else cat(pieces, dim=3)
+    return out.reshape(B, Hq, Sq, v.shape[-1]).astype(dtype)
