@@ -5,3 +5,7 @@ from .module import Buffer, Module, ModuleList, Parameter, Sequential
 from .serialization import load_safetensors, save_safetensors
 from .loss import (fused_linear_cross_entropy, log_softmax_stable, softmax_cross_entropy, stable_contrastive_loss,
                    stable_cross_entropy, stable_max_margin_loss)
+from .attention import (alibi_slopes, attention, chunked_attention, flash_attention, grouped_query_attention,
+                        multi_query_attention)
+from .casted import (CastedEmbedding, CastedLinear, CastedSparseEmbedding, casted_linear, int8_matmul,
+                     quantize_swiglu_weights, swiglu_quantized)

@@ -136,7 +136,7 @@ class Module:
         for t in self._tensors():
             if isinstance(target, dtypes.DType) or (isinstance(target, str) and target not in ("cpu", "cuda")
                                                      and not target.startswith("cuda")):
-                if not t.dtype.is_floating:
+                if not t.dtype.is_floating or t.dtype.is_fp8:  # quantized storage keeps its format
                     continue
                 new = t.detach().astype(target)
             else:
