@@ -9,9 +9,9 @@ from .errors import (CompileError, DeviceError, DTypeError, IndexOutOfRangeError
 from .kernel import kernel
 from .precision import precision
 from .shapes import Tile, function
-from .tensor import (Generator, Tensor, arange, cat, empty, empty_like, eye, full, full_like, manual_seed, matmul,
-                     ones, ones_like, rand, rand_like, randint, randn, randn_like, stack, tensor, where, zeros,
-                     zeros_like)
+from .tensor import (Generator, Tensor, arange, cat, empty, empty_like, eye, from_dlpack, full, full_like,
+                     manual_seed, matmul, ones, ones_like, rand, rand_like, randint, randn, randn_like, stack, tensor,
+                     where, zeros, zeros_like)
 
 __version__ = "0.1.0"
 

@@ -17,6 +17,7 @@ import threading
 
 from . import backend
 from .errors import ShapeError, TesseraError
+from .precision import current as _precision_now, precision as _precision
 
 _state = threading.local()
 
@@ -28,6 +29,11 @@ def is_grad_enabled():
 class _GradMode(contextlib.ContextDecorator):
     def __init__(self, enabled):
         self.enabled = enabled
+
+    def _recreate_cm(self):
+        # Used as a decorator, each call gets its own context: a shared one would keep a single `previous`,
+        # which a recursive or concurrent call overwrites (leaving grad mode off after the outer call).
+        return type(self)(self.enabled)
 
     def __enter__(self):
         self.previous = is_grad_enabled()
@@ -104,7 +110,8 @@ class _Region:
         inputs, shapes = fn.inputs, fn.input_shapes
         fn.__dict__.clear()  # drop every saved array; backward recomputes them
         fn.inputs, fn.input_shapes = inputs, shapes
-        fn.replay = (cls, sources, kwargs)
+        # The precision setting too: backward may run outside the context the forward ran in.
+        fn.replay = (cls, sources, kwargs, _precision_now())
         self.nodes.add(id(fn))
 
 
@@ -130,7 +137,7 @@ def _recompute(node, memo):
         if id(current) in memo:
             stack.pop()
             continue
-        cls, sources, kwargs = current.replay
+        cls, sources, kwargs, setting = current.replay
         pending = [s for s in sources if isinstance(s, Function) and id(s) not in memo]
         if pending:
             stack.extend(pending)
@@ -139,7 +146,8 @@ def _recompute(node, memo):
         live = cls()
         live.inputs = current.inputs
         arrays = [memo[id(s)][1] if isinstance(s, Function) else s for s in sources]
-        memo[id(current)] = (live, live.forward(*arrays, **kwargs))
+        with _precision(**setting):
+            memo[id(current)] = (live, live.forward(*arrays, **kwargs))
     return memo[id(node)][0]
 
 
@@ -158,28 +166,37 @@ def unbroadcast(grad, shape):
 
 
 def _topological_order(root):
-    """Nodes reachable from root, each before the nodes it feeds into come after (consumers first)."""
-    order, visited = [], {id(root)}
+    """Nodes reachable from root, every consumer before the nodes it reads (reverse post-order of a DFS)."""
+    order, visited = [], set()
     stack = [(root, False)]
     while stack:
         node, expanded = stack.pop()
         if expanded:
             order.append(node)
             continue
+        # Mark on expansion, not on push: a node pushed twice must finish after every path that reaches it,
+        # else a consumer reached later would run after the node it feeds (and its gradient would be lost).
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
         stack.append((node, True))
         for parent in node.inputs:
             if isinstance(parent, Function) and id(parent) not in visited:
-                visited.add(id(parent))
                 stack.append((parent, False))
     order.reverse()
     return order
 
 
-def _accumulate_leaf(leaf, grad):
+def _accumulate_leaf(leaf, grad, caller_grad):
+    """leaf.grad += grad. The first gradient is kept without a copy (a large one, such as logits', costs a full
+    pass to copy) unless it may share memory with the caller's ``backward(grad)`` array. Gradients are never
+    written in place afterwards, so two leaves may hold the same array safely."""
     from .tensor import Tensor
     grad = grad.astype(leaf.data.dtype, copy=False)
     if leaf.grad is None:
-        leaf.grad = Tensor(grad.copy(), dtype=leaf.dtype)
+        xp = backend.array_module(grad)
+        aliased = caller_grad is not None and xp.may_share_memory(grad, caller_grad)
+        leaf.grad = Tensor(grad.copy() if aliased else grad, dtype=leaf.dtype)
     else:
         leaf.grad = Tensor(leaf.grad.data + grad, dtype=leaf.dtype)
 
@@ -199,7 +216,7 @@ def backward(tensor, grad=None):
         if grad_array.shape != tensor.data.shape:
             raise ShapeError(f"backward(grad): grad has shape {grad_array.shape}, the tensor {tensor.shape}")
     if tensor._node is None:
-        _accumulate_leaf(tensor, grad_array)
+        _accumulate_leaf(tensor, grad_array, grad_array)
         return
     grads = {id(tensor._node): grad_array}
     memo = {}
@@ -218,7 +235,7 @@ def backward(tensor, grad=None):
                 if pg.shape != tuple(shape):
                     pg = unbroadcast(pg, shape)
                 if not isinstance(parent, Function):
-                    _accumulate_leaf(parent, pg)
+                    _accumulate_leaf(parent, pg, grad_array)
                     continue
                 key = id(parent)
                 grads[key] = pg if key not in grads else grads[key] + pg

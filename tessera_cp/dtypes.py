@@ -116,11 +116,14 @@ class iinfo:
 
 
 def promote(a, b):
-    """The dtype of a binary op's result (NumPy's rule over true value types; fp8 must be cast first)."""
+    """The dtype of a binary op's result: NumPy's rule within floats and within integers, PyTorch's across them
+    (the float's dtype wins), bf16 with f16 gives f32; fp8 must be cast first."""
     if a is b:
         return a
     if a.is_fp8 or b.is_fp8:
         raise DTypeError(f"fp8 tensors are storage only: cast to f32/bf16 before arithmetic (got {a.name} and {b.name})")
     if {a, b} == {bf16, f16}:
         return f32
+    if a.is_floating != b.is_floating:  # an integer or bool operand takes the float's dtype (int32 + f32 is f32)
+        return a if a.is_floating else b
     return as_dtype(numpy.promote_types(a.storage, b.storage))

@@ -9,6 +9,7 @@ import numpy
 
 from . import backend
 from .errors import TesseraError
+from .tensor import Tensor
 
 
 class Optimizer:
@@ -81,12 +82,12 @@ class AdamW(Optimizer):
 
 def clip_grad_norm_(params, max_norm):
     """Scale all gradients so their global L2 norm is at most ``max_norm``; returns the norm before clipping."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    params = [p for p in params if p.grad is not None]
+    if not params:
         return 0.0
-    total = math.sqrt(sum(float((g.data.astype(numpy.float32) ** 2).sum()) for g in grads))
+    total = math.sqrt(sum(float((p.grad.data.astype(numpy.float32) ** 2).sum()) for p in params))
     if total > max_norm:
         scale = max_norm / (total + 1e-6)
-        for g in grads:
-            g.data[...] = (g.data.astype(numpy.float32) * scale).astype(g.data.dtype)
+        for p in params:  # new arrays, never in place: leaves may share one gradient array
+            p.grad = Tensor((p.grad.data.astype(numpy.float32) * scale).astype(p.grad.data.dtype), p.grad.dtype)
     return total

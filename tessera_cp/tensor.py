@@ -129,6 +129,8 @@ class Tensor:
         if dtype.is_fp8 or self.dtype.is_fp8:
             return self._fp8_cast(dtype, saturate)
         from .functions.math import Cast
+        if not dtype.is_floating:  # integer and bool results carry no gradient (as in PyTorch)
+            return Cast.apply(self.detach(), storage=dtype.storage)
         return Cast.apply(self, storage=dtype.storage)
 
     cast = astype
@@ -213,23 +215,28 @@ class Tensor:
         self._check_math(what)
         return self if self.dtype.is_floating else self.astype(dtypes.f32)
 
-    def _coerce(self, other, what):
-        """Both operands of a binary op as Tensors of one dtype on one device."""
+    def _coerce(self, other, what, broadcast=True):
+        """Both operands of a binary op as Tensors of one dtype on one device (and shapes that broadcast)."""
         self._check_math(what)
         if isinstance(other, Tensor):
             if other.device != self.device:
                 raise DeviceError(f"{what}: operands on different devices ({self.device} and {other.device})")
             other._check_math(what)
+            if broadcast:
+                _broadcast_shape(what, self.shape, other.shape)
             dtype = dtypes.promote(self.dtype, other.dtype)
             return self.astype(dtype), other.astype(dtype)
         if isinstance(other, (bool, numbers.Number)) and not isinstance(other, complex):
-            # A Python scalar keeps the tensor's dtype, except that a float scalar makes an integer tensor f32.
+            # A Python scalar keeps the tensor's dtype, except that a float scalar makes an integer tensor f32
+            # and an int scalar makes a bool tensor int64 (True + 1 is 2, not True).
             a = self
             if isinstance(other, float) and not self.dtype.is_floating:
                 a = self.astype(dtypes.f32)
+            elif not isinstance(other, bool) and self.dtype is dtypes.bool_:
+                a = self.astype(dtypes.int64)
             xp = backend.array_module(self.data)
             return a, Tensor(xp.asarray(other, dtype=a.dtype.storage), a.dtype)
-        return self._coerce(tensor(other, device=self.device), what)
+        return self._coerce(tensor(other, device=self.device), what, broadcast)
 
     def _binary(self, other, function, what, reverse=False):
         a, b = self._coerce(other, what)
@@ -292,12 +299,13 @@ class Tensor:
         return self.abs()
 
     def __matmul__(self, other):
-        a, b = self._coerce(other, "@")
+        a, b = self._coerce(other, "@", broadcast=False)
         if a.ndim == 0 or b.ndim == 0:
             raise ShapeError(f"@ needs tensors of rank >= 1, got shapes {a.shape} and {b.shape}")
         k_a, k_b = a.shape[-1], b.shape[-2] if b.ndim > 1 else b.shape[0]
         if k_a != k_b:
             raise ShapeError(f"@: the inner dimensions differ: {a.shape} @ {b.shape} ({k_a} != {k_b})")
+        _broadcast_shape(f"@ of {a.shape} and {b.shape}: the batch dims", a.shape[:-2], b.shape[:-2])
         return _mm.MatMul.apply(a, b)
 
     def __rmatmul__(self, other):
@@ -462,6 +470,8 @@ class Tensor:
         values = _r.MaxMin.apply(self, dims=dims, keepdim=keepdim, is_max=is_max)
         if dim is None and axis is None:
             return values
+        if len(dims) != 1:  # one dim has (values, indices); argmax over several dims has no single index
+            raise ShapeError(f"max/min with indices takes one dim, got {dim if dim is not None else axis}")
         indices = self.argmax(dims[0], keepdim) if is_max else self.argmin(dims[0], keepdim)
         return MinMax(values, indices)
 
@@ -503,7 +513,7 @@ class Tensor:
         known = 1
         for n in shape:
             known *= n if n != -1 else 1
-        if shape.count(-1) > 1 or (-1 not in shape and known != self.data.size) or \
+        if shape.count(-1) > 1 or any(n < -1 for n in shape) or (-1 not in shape and known != self.data.size) or \
                 (-1 in shape and (known == 0 or self.data.size % known)):
             raise ShapeError(f"cannot reshape a tensor of shape {self.shape} ({self.data.size} elements) to {shape}")
         return self._shaped(_s.Reshape, shape=shape)
@@ -513,12 +523,15 @@ class Tensor:
     def flatten(self, start_dim=0, end_dim=-1):
         if self.ndim == 0:
             return self.reshape(1)
-        start, end = start_dim % self.ndim, end_dim % self.ndim
+        start, end = self._one_dim(start_dim), self._one_dim(end_dim)
+        if start > end:
+            raise ShapeError(f"flatten: start_dim {start_dim} comes after end_dim {end_dim} (rank {self.ndim})")
         return self.reshape(self.shape[:start] + (-1,) + self.shape[end + 1:])
 
     def permute(self, *dims):
         dims = _shape_arg(dims)
-        if sorted(d % max(self.ndim, 1) for d in dims) != list(range(self.ndim)):
+        if any(not -self.ndim <= d < self.ndim for d in dims) or \
+                sorted(d % max(self.ndim, 1) for d in dims) != list(range(self.ndim)):
             raise ShapeError(f"permute needs a permutation of the {self.ndim} dims, got {dims}")
         return self._shaped(_s.Permute, axes=tuple(d % self.ndim for d in dims))
 
@@ -605,12 +618,18 @@ class Tensor:
         """Tensors in a key become arrays; integer arrays are bounds-checked (CuPy would silently wrap)."""
         xp = backend.array_module(self.data)
         parts = key if isinstance(key, tuple) else (key,)
+        parts = [k.data if isinstance(k, Tensor) else
+                 (xp.asarray(k) if k else xp.zeros(0, dtype=numpy.int64)) if isinstance(k, list) else k
+                 for k in parts]
+        # Dims the key consumes (a boolean mask takes as many as its rank), to place an Ellipsis and catch
+        # too many indices before NumPy/CuPy see them.
+        used = sum(0 if k is None or k is Ellipsis else
+                   k.ndim if getattr(k, "dtype", None) == numpy.bool_ and hasattr(k, "ndim") else 1 for k in parts)
+        if used > self.ndim or sum(k is Ellipsis for k in parts) > 1:
+            raise IndexOutOfRangeError(f"index {key!r} addresses {used} dims (at most one Ellipsis), "
+                                       f"the tensor has shape {self.shape}")
         out, dim = [], 0
         for k in parts:
-            if isinstance(k, Tensor):
-                k = k.data
-            elif isinstance(k, list):
-                k = xp.asarray(k)
             if hasattr(k, "dtype") and getattr(k, "ndim", 0) >= 0 and not isinstance(k, (int, numpy.integer)):
                 k = backend.to_device(k, self.device) if hasattr(k, "shape") else k
                 if k.dtype == numpy.bool_:
@@ -628,8 +647,7 @@ class Tensor:
                     raise IndexOutOfRangeError(f"index {int(k)} is out of range for dim {dim} of shape {self.shape}")
                 dim += 1
             elif k is Ellipsis:
-                dim = self.ndim - sum(1 for p in parts if p is not None and p is not Ellipsis) + dim
-                dim = max(dim, 0)
+                dim = self.ndim - used + dim
             elif isinstance(k, slice):
                 dim += 1
             elif k is not None:
@@ -652,13 +670,20 @@ class Tensor:
         key = self._index_key(key)
         value = value if isinstance(value, Tensor) else tensor(value, device=self.device)
         value = value.astype(self.dtype)
-        if (self.requires_grad or value.requires_grad) and autograd.is_grad_enabled():
-            if self.is_leaf and self.requires_grad:
-                raise TesseraError("in-place assignment into a leaf tensor that requires grad; "
-                                   "use `with no_grad():` or clone() first")
-            self._rebind(_i.SetItem.apply(self._snapshot(), value, key=key))
-        else:
-            self.data[key] = value.data
+        if value.device != self.device:
+            raise DeviceError(f"setitem: a value on {value.device} into a tensor on {self.device}")
+        recorded = (self.requires_grad or value.requires_grad) and autograd.is_grad_enabled()
+        if recorded and self.is_leaf and self.requires_grad:
+            raise TesseraError("in-place assignment into a leaf tensor that requires grad; "
+                               "use `with no_grad():` or clone() first")
+        try:
+            if recorded:
+                self._rebind(_i.SetItem.apply(self._snapshot(), value, key=key))
+            else:
+                self.data[key] = value.data
+        except ValueError as e:  # NumPy/CuPy's broadcast failure, said in our terms
+            raise ShapeError(f"setitem: a value of shape {value.shape} does not fit the indexed part of a tensor "
+                             f"of shape {self.shape} ({e})") from None
 
     def _snapshot(self):
         """This tensor's current version, for a graph that is about to rebind self to a new one."""
@@ -723,6 +748,14 @@ def _shape_arg(shape):
         raise ShapeError(f"a shape is a sequence of ints, got {shape!r}") from None
 
 
+def _broadcast_shape(what, *shapes):
+    """The shape the operands broadcast to, or a ShapeError naming the op and the shapes."""
+    try:
+        return numpy.broadcast_shapes(*shapes)
+    except ValueError:
+        raise ShapeError(f"{what}: shapes {', '.join(map(str, shapes))} do not broadcast") from None
+
+
 def _default_float(dtype):
     return dtypes.f32 if dtype is None else dtypes.as_dtype(dtype)
 
@@ -741,8 +774,11 @@ def tensor(obj, dtype=None, device=None, requires_grad=False):
     else:
         array = obj
         if not hasattr(obj, "dtype"):
-            array = numpy.asarray(obj)
-            if array.dtype == numpy.float64 and not isinstance(obj, numpy.ndarray):
+            try:
+                array = numpy.asarray(obj)
+            except ValueError:
+                raise ShapeError(f"tensor(): nested sequences of unequal lengths ({type(obj).__name__})") from None
+            if array.dtype == numpy.float64 and not isinstance(obj, numpy.ndarray) and dtype is None:
                 array = array.astype(numpy.float32)
             if array.dtype.kind not in "fiub":
                 raise DTypeError(f"cannot make a tensor from {type(obj).__name__} of dtype {array.dtype}")
@@ -915,7 +951,10 @@ def stack(tensors, dim=0):
     tensors, dtype = _same_device_and_dtype(tensors, "stack")
     if len({t.shape for t in tensors}) > 1:
         raise ShapeError(f"stack needs equal shapes, got {[t.shape for t in tensors]}")
-    d = dim if dim >= 0 else dim + tensors[0].ndim + 1
+    rank = tensors[0].ndim + 1
+    if not -rank <= dim < rank:
+        raise ShapeError(f"stack: dim {dim} is out of range for a result of rank {rank}")
+    d = dim % rank
     return tensors[0]._keep_dtype(_s.Stack.apply(*tensors, axis=d))
 
 
@@ -932,7 +971,23 @@ def where(condition, a, b):
         b_t, a_t = b._coerce(a, "where")
     if cond.device != a_t.device:
         raise DeviceError(f"where: condition on {cond.device}, values on {a_t.device}")
+    _broadcast_shape("where", cond.shape, a_t.shape, b_t.shape)
     return _m.Where.apply(cond, a_t, b_t)
+
+
+def from_dlpack(obj, dtype=None):
+    """A Tensor sharing memory with any DLPack producer (a PyTorch, CuPy or NumPy array), zero copy.
+
+    CUDA producers come in as CuPy arrays, host ones as NumPy arrays. ``dtype`` names an fp8 format for uint8 data.
+    """
+    device_type = obj.__dlpack_device__()[0]
+    if device_type == 2:  # kDLCUDA
+        array = backend.xp_for("cuda").from_dlpack(obj)
+    elif device_type == 1:  # kDLCPU
+        array = numpy.from_dlpack(obj)
+    else:
+        raise DeviceError(f"from_dlpack: DLPack device type {device_type} is neither the CPU (1) nor CUDA (2)")
+    return Tensor(array, dtype)
 
 
 def matmul(a, b):

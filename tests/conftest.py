@@ -13,7 +13,7 @@ def pytest_collection_modifyitems(config, items):
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU and CuPy")
     gpu_ok = backend.cuda_available()
     for item in items:
-        if "gpu" in item.keywords and not gpu_ok:
+        if item.get_closest_marker("gpu") and not gpu_ok:
             item.add_marker(no_gpu)
 
 

@@ -118,7 +118,8 @@ class Sqrt(Function):
 
 class Rsqrt(Function):
     def forward(self, a):
-        out = 1 / backend.array_module(a).sqrt(a)
+        xp = backend.array_module(a)
+        out = (1 / xp.sqrt(_at_least_f32(xp, a))).astype(a.dtype, copy=False)
         self.save(out)
         return out
 
@@ -156,10 +157,16 @@ class Tanh(Function):
         return (g * (1 - out * out),)
 
 
+def _at_least_f32(xp, a):
+    """Half types upcast: a formula of several roundings in bf16 drifts by more than a bf16 step."""
+    return a.astype(xp.float32) if a.dtype.itemsize < 4 else a
+
+
 def stable_sigmoid(xp, a):
-    """1 / (1 + exp(-a)) without overflow: exp of a non-positive number only."""
-    e = xp.exp(-xp.abs(a))
-    return xp.where(a >= 0, 1 / (1 + e), e / (1 + e)).astype(a.dtype, copy=False)
+    """1 / (1 + exp(-a)) without overflow: exp of a non-positive number only; f32 inside for half types."""
+    x = _at_least_f32(xp, a)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(a.dtype, copy=False)
 
 
 class Sigmoid(Function):

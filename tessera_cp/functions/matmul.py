@@ -11,7 +11,8 @@ from ..autograd import Function
 def matmul(a, b):
     xp = backend.array_module(a, b)
     if xp.__name__ != "cupy" or a.dtype != dtypes.bf16.storage or (a.ndim <= 2 and b.ndim <= 2):
-        return xp.matmul(a, b)
+        # NumPy's bf16 matmul (ml_dtypes) computes and returns f32: round back so the dtype is kept.
+        return xp.matmul(a, b).astype(a.dtype, copy=False)
     if b.ndim == 2 and a.ndim > 2:
         return xp.matmul(a.reshape(-1, a.shape[-1]), b).reshape(a.shape[:-1] + (b.shape[-1],))
     return xp.matmul(a.astype(xp.float32), b.astype(xp.float32)).astype(a.dtype)
@@ -28,10 +29,10 @@ class MatMul(Function):
         a2 = a[None, :] if a.ndim == 1 else a   # treat vectors as 1-row / 1-column matrices
         b2 = b[:, None] if b.ndim == 1 else b
         g2 = g
+        if b.ndim == 1:  # first, so that vector @ vector (g of rank 0) becomes (1, 1)
+            g2 = xp.expand_dims(g2, -1)
         if a.ndim == 1:
             g2 = xp.expand_dims(g2, -2)
-        if b.ndim == 1:
-            g2 = xp.expand_dims(g2, -1)
         ga = matmul(g2, xp.swapaxes(b2, -1, -2))
         gb = matmul(xp.swapaxes(a2, -1, -2), g2)
         ga = ga.reshape(ga.shape[:-2] + (a.shape[-1],)) if a.ndim == 1 else ga
