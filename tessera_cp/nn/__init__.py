@@ -9,3 +9,9 @@ from .attention import (alibi_slopes, attention, chunked_attention, flash_attent
                         multi_query_attention)
 from .casted import (CastedEmbedding, CastedLinear, CastedSparseEmbedding, casted_linear, int8_matmul,
                      quantize_swiglu_weights, swiglu_quantized)
+from .activation import (SwiGLU, gelu, silu, swiglu, swiglu_activation, swiglu_fused, swiglu_memory_efficient,
+                         swish)
+from .norm import RMSNorm, rms_norm, stable_rms_norm
+from .position import LearnedPositionalEmbedding, alibi_bias
+from .rope import (RotaryEmbedding, apply_rope, apply_rotary_pos_emb, cos_sin_embedding, dynamic_rope, rope_cache,
+                   rope_frequencies, rotary_embedding)
