@@ -15,3 +15,5 @@ from .norm import RMSNorm, rms_norm, stable_rms_norm
 from .position import LearnedPositionalEmbedding, alibi_bias
 from .rope import (RotaryEmbedding, apply_rope, apply_rotary_pos_emb, cos_sin_embedding, dynamic_rope, rope_cache,
                    rope_frequencies, rotary_embedding)
+from .kv_cache import KVCacheFullError, PagedKVCache, decode_attention, paged_decode_attention
+from .mla import LatentCache, MultiLatentAttention, mla_cache_report, mla_decode_attention
