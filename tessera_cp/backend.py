@@ -126,3 +126,8 @@ def add_at(target, key, values):
         target[...] = wide.astype(target.dtype)
     else:
         cupyx.scatter_add(target, key, values)
+
+
+def reference_forced():
+    """``TESSERA_REFERENCE=1`` forces the array-module reference of every op (no kernels), for debugging."""
+    return os.environ.get("TESSERA_REFERENCE", "").strip() == "1"

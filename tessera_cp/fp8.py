@@ -12,7 +12,6 @@ and no hardware float conversion (which may drop a NaN's sign) is involved. On C
 ``cuda/cast.cu`` run the same algorithm, unless ``TESSERA_REFERENCE=1`` asks for the reference everywhere.
 """
 import functools
-import os
 
 import numpy
 
@@ -71,7 +70,7 @@ def _array_dtype(array, what):
 
 
 def _use_kernel(array):
-    return backend.is_cupy_array(array) and os.environ.get("TESSERA_REFERENCE") != "1"
+    return backend.is_cupy_array(array) and not backend.reference_forced()
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ normal (e4m3: 2^-4 |x| or scale * 2^-10; e5m2: 2^-3 |x| or scale * 2^-17).
 Functions take NumPy / CuPy arrays or Tensors and answer in kind. ``quantize_rows_int8`` is the per-token
 quantization of W8A8 activations; on CuPy it runs one kernel (unless ``TESSERA_REFERENCE=1``).
 """
-import os
 
 import numpy
 
@@ -35,7 +34,7 @@ _CUDA_TYPE = {numpy.dtype(numpy.float32): "float", numpy.dtype(numpy.float16): "
 
 
 def _use_kernel(*arrays):
-    return all(backend.is_cupy_array(a) for a in arrays) and os.environ.get("TESSERA_REFERENCE") != "1"
+    return all(backend.is_cupy_array(a) for a in arrays) and not backend.reference_forced()
 
 
 def _ptr(array):

@@ -54,7 +54,7 @@ _INDEX_TYPE = {numpy.dtype(numpy.int64): "long long", numpy.dtype(numpy.int32): 
 def _use_kernel(*arrays):
     present = [a for a in arrays if a is not None]
     return (bool(present) and all(backend.is_cupy_array(a) for a in present)
-            and os.environ.get("TESSERA_REFERENCE") != "1")
+            and not backend.reference_forced())
 
 
 def _runtime():

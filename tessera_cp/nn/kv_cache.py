@@ -84,7 +84,7 @@ def _rows_ok(a):
 
 
 def _kernel_config(q, k, v, value_dim, block_size):
-    if os.environ.get("TESSERA_REFERENCE", "") == "1" or not backend.is_cupy_array(q):
+    if backend.reference_forced() or not backend.is_cupy_array(q):
         return None
     if q.dtype not in _KERNEL_TYPES or k.dtype != q.dtype or (v is not None and v.dtype != q.dtype):
         return None

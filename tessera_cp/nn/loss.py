@@ -22,7 +22,6 @@ The loss is f32 for f16/bf16/f32 logits (a bf16 loss of ~12 would be rounded by 
 ``precision(accumulate=f64)`` the reference runs in f64. The CUDA path runs for CuPy f32/f16/bf16 logits accumulated
 in f32, unless ``TESSERA_REFERENCE=1``; everything else runs the array-module reference below.
 """
-import os
 
 import numpy
 
@@ -46,7 +45,7 @@ _CTYPES = {numpy.dtype(numpy.float32): "float", numpy.dtype(numpy.float16): "__h
 # ----------------------------------------------------------------------------------------------- dispatch
 def _use_kernel(x):
     """The CUDA path: a CuPy array of a kernel dtype, accumulated in f32, and TESSERA_REFERENCE not set."""
-    if os.environ.get("TESSERA_REFERENCE", "").strip() == "1":
+    if backend.reference_forced():
         return False
     return (backend.is_cupy_array(x) and x.dtype in _CTYPES
             and accumulate_storage(x.dtype) == numpy.dtype(numpy.float32))

@@ -21,7 +21,6 @@ Parameter names follow Hugging Face's DeepSeek-V2 (``q_proj`` or ``q_a_proj``/``
 de-interleaved (a fixed permutation of the RoPE columns of q_b_proj and kv_a_proj_with_mqa) to load them here.
 """
 import math
-import os
 
 import numpy
 
@@ -254,7 +253,7 @@ class MultiLatentAttention(Module):
         """The head size to zero-pad q/k and v to so that the flash kernel runs (None: no padding)."""
         dqk, dv = self.head_dim + self.rope_dim, self.v_head_dim
         if t.device != "cuda" or t.dtype not in (dtypes.bf16, dtypes.f16) or \
-                os.environ.get("TESSERA_REFERENCE", "") == "1":
+                backend.reference_forced():
             return None
         widths = sorted(_FLASH_TILES)
         if dqk == dv and dqk in widths:
