@@ -22,7 +22,6 @@ Indices outside [0, rows) raise ``IndexOutOfRangeError`` (checked on the host by
 the kernels set; the kernels write zeros there and never read out of bounds).
 """
 import math
-import os
 
 import numpy
 

@@ -20,7 +20,6 @@ heads of a group share every K/V byte read, long sequences are split over keys a
 reference (array-module generic) computes in f32 for half inputs. Decode is inference: no gradients.
 """
 import math
-import os
 
 import numpy
 
