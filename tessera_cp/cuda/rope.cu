@@ -9,67 +9,181 @@
 // input (in place: each thread reads its pair of vectors before writing them, and no other thread touches them).
 // Positions are int64, addressed by (batch, sequence) strides (a stride of 0 broadcasts one row of positions).
 //
-// Tiling: one token (b, s) per blockDim.x threads, blockDim.y tokens per block, grid-stride over tokens; thread x
-// walks the token's (hq + hk) * half / VEC vector pairs. VEC (8, 4, 2 or 1) divides half, every stride and every
-// pointer's alignment (host's choice), so all accesses are aligned vectors. The host checks 0 <= p < positions.
+// Tiling: a token (b, s) is served by blockDim.x = lanes * slots threads, blockDim.y tokens per block, grid-stride
+// over tokens. A half is read as nv = half / VEC vectors (VEC 8, 4, 2 or 1 divides half, every stride and every
+// pointer's alignment: the host's choice, so all accesses are aligned vectors of at most 16 bytes). Thread x owns
+// chunk x % lanes (and every lanes-th after it, when nv > lanes) of heads x / lanes, x / lanes + slots, ...: it
+// reads the chunk's cos/sin once per token and reuses them for all its heads, and it issues the loads of
+// HEADS_PER_STEP heads before its first store, so several 16-byte loads per thread are in flight at once.
+// The host checks 0 <= p < positions.
 //
 // tessera-instantiate: rope_apply<float, 4>; rope_apply<float, 2>; rope_apply<float, 1>
 // tessera-instantiate: rope_apply<__half, 8>; rope_apply<__half, 4>; rope_apply<__half, 2>; rope_apply<__half, 1>
-// tessera-instantiate: rope_apply<__nv_bfloat16, 8>; rope_apply<__nv_bfloat16, 4>; rope_apply<__nv_bfloat16, 2>; rope_apply<__nv_bfloat16, 1>
+// tessera-instantiate: rope_apply<__nv_bfloat16, 8>; rope_apply<__nv_bfloat16, 4>
+// tessera-instantiate: rope_apply<__nv_bfloat16, 2>; rope_apply<__nv_bfloat16, 1>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 namespace {
 
-template <typename T, int N> struct alignas(sizeof(T) * N) Vec { T v[N]; };
+constexpr int HEADS_PER_STEP = 2;   // heads whose loads a thread issues together
+constexpr int BLOCK_THREADS = 256;  // threads per block (the host's BLOCK_THREADS)
+constexpr int MIN_BLOCKS = 4;       // resident blocks per SM the register budget must allow (64 registers)
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ float half_to_float(unsigned bits);  // bits: the low 16
+template <> __device__ __forceinline__ float half_to_float<__nv_bfloat16>(unsigned bits) {
+    return __uint_as_float(bits << 16);
+}
+template <> __device__ __forceinline__ float half_to_float<__half>(unsigned bits) {
+    return __half2float(__ushort_as_half((unsigned short)bits));
+}
 
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <typename T> __device__ __forceinline__ unsigned float2_to_bits(float lo, float hi);
+template <> __device__ __forceinline__ unsigned float2_to_bits<__nv_bfloat16>(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const unsigned *>(&h);
+}
+template <> __device__ __forceinline__ unsigned float2_to_bits<__half>(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const unsigned *>(&h);
+}
+__device__ __forceinline__ unsigned short to_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+__device__ __forceinline__ unsigned short to_bits(__half v) { return __half_as_ushort(v); }
+
+// VEC elements of T (float, __half or __nv_bfloat16) as loaded: 32-bit words, two 16-bit elements to a word, so
+// a 16-byte vector takes 4 registers whatever T is (an array of 16-bit elements would take a register each).
+// Loads and stores are aligned accesses of sizeof(T) * VEC bytes (32: two of 16); element indices must be
+// compile-time constants.
+template <typename T, int VEC> struct Pack {
+    static constexpr int BYTES = int(sizeof(T)) * VEC, WORDS = BYTES < 4 ? 1 : BYTES / 4;
+    unsigned w[WORDS];
+
+    __device__ __forceinline__ static Pack zero() {
+        Pack p;
+#pragma unroll
+        for (int i = 0; i < WORDS; ++i) p.w[i] = 0u;
+        return p;
+    }
+    __device__ __forceinline__ static Pack load(const T *base, long long v) {  // vector v of base
+        Pack p;
+        if constexpr (BYTES % 16 == 0) {  // 16 bytes, or 32 (8 floats): one or two 16-byte accesses
+#pragma unroll
+            for (int i = 0; i < BYTES / 16; ++i) {
+                const uint4 u = reinterpret_cast<const uint4 *>(base)[v * (BYTES / 16) + i];
+                p.w[4 * i] = u.x; p.w[4 * i + 1] = u.y; p.w[4 * i + 2] = u.z; p.w[4 * i + 3] = u.w;
+            }
+        } else if constexpr (BYTES == 8) {
+            const uint2 u = reinterpret_cast<const uint2 *>(base)[v];
+            p.w[0] = u.x; p.w[1] = u.y;
+        } else if constexpr (BYTES == 4) {
+            p.w[0] = reinterpret_cast<const unsigned *>(base)[v];
+        } else {
+            static_assert(BYTES == 2, "a vector is 2, 4, 8, 16 or 32 bytes");
+            p.w[0] = reinterpret_cast<const unsigned short *>(base)[v];
+        }
+        return p;
+    }
+    __device__ __forceinline__ void store(T *base, long long v) const {
+        if constexpr (BYTES % 16 == 0) {
+#pragma unroll
+            for (int i = 0; i < BYTES / 16; ++i)
+                reinterpret_cast<uint4 *>(base)[v * (BYTES / 16) + i] =
+                    make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+        } else if constexpr (BYTES == 8) {
+            reinterpret_cast<uint2 *>(base)[v] = make_uint2(w[0], w[1]);
+        } else if constexpr (BYTES == 4) {
+            reinterpret_cast<unsigned *>(base)[v] = w[0];
+        } else {
+            reinterpret_cast<unsigned short *>(base)[v] = (unsigned short)w[0];
+        }
+    }
+    __device__ __forceinline__ float get(int j) const {
+        if constexpr (sizeof(T) == 4) {
+            return __uint_as_float(w[j]);
+        } else {
+            const unsigned word = w[j >> 1];
+            return half_to_float<T>((j & 1) ? word >> 16 : word & 0xffffu);
+        }
+    }
+    // Elements j and j + 1 (j even; hi is ignored when j + 1 == VEC) from floats, rounded to nearest.
+    __device__ __forceinline__ void set(int j, float lo, float hi) {
+        if constexpr (sizeof(T) == 4) {
+            w[j] = __float_as_uint(lo);
+            if (j + 1 < VEC) w[j + 1] = __float_as_uint(hi);
+        } else if constexpr (VEC == 1) {
+            w[0] = to_bits(T(lo));  // T(float) rounds to nearest
+        } else {
+            w[j >> 1] = float2_to_bits<T>(lo, hi);
+        }
+    }
+};
 
 }  // namespace
 
 template <typename T, int VEC>
-__global__ void rope_apply(const T *q, long long q_sb, long long q_ss, long long q_sh,
-                           T *q_out, long long qo_sb, long long qo_ss, long long qo_sh, int hq,
-                           const T *k, long long k_sb, long long k_ss, long long k_sh,
-                           T *k_out, long long ko_sb, long long ko_ss, long long ko_sh, int hk,
-                           const float *__restrict__ cos_table, const float *__restrict__ sin_table,
-                           const long long *__restrict__ pos, long long pos_sb, long long pos_ss,
-                           long long batch, long long seq, int half, float sign) {
-    using TV = Vec<T, VEC>;
-    using FV = Vec<float, VEC>;
-    const int nv = half / VEC, items = (hq + hk) * nv;
+__global__ void __launch_bounds__(BLOCK_THREADS, MIN_BLOCKS)
+rope_apply(const T *q, long long q_sb, long long q_ss, long long q_sh,
+           T *q_out, long long qo_sb, long long qo_ss, long long qo_sh, int hq,
+           const T *k, long long k_sb, long long k_ss, long long k_sh,
+           T *k_out, long long ko_sb, long long ko_ss, long long ko_sh, int hk,
+           const float *__restrict__ cos_table, const float *__restrict__ sin_table,
+           const long long *__restrict__ pos, long long pos_sb, long long pos_ss,
+           long long batch, long long seq, int half, int lanes, float sign) {
+    using TP = Pack<T, VEC>;
+    using FP = Pack<float, VEC>;
+    const int nv = half / VEC, heads = hq + hk, slots = blockDim.x / lanes;
+    const int lane = threadIdx.x % lanes, slot = threadIdx.x / lanes;
     const long long tokens = batch * seq;
+    if (slot >= slots) return;  // blockDim.x is a multiple of lanes (the host's choice): never taken
     for (long long t = (long long)blockIdx.x * blockDim.y + threadIdx.y; t < tokens;
          t += (long long)gridDim.x * blockDim.y) {
         const long long b = t / seq, s = t - b * seq;
         const long long p = pos[b * pos_sb + s * pos_ss];
-        const FV *cr = reinterpret_cast<const FV *>(cos_table + p * half);
-        const FV *sr = reinterpret_cast<const FV *>(sin_table + p * half);
-        for (int i = threadIdx.x; i < items; i += blockDim.x) {
-            const int head = i / nv, v = i - head * nv;
-            const bool is_q = head < hq;
-            const int h = is_q ? head : head - hq;
-            const T *src = is_q ? q + b * q_sb + s * q_ss + h * q_sh : k + b * k_sb + s * k_ss + h * k_sh;
-            T *dst = is_q ? q_out + b * qo_sb + s * qo_ss + h * qo_sh : k_out + b * ko_sb + s * ko_ss + h * ko_sh;
-            const TV x1 = reinterpret_cast<const TV *>(src)[v];
-            const TV x2 = reinterpret_cast<const TV *>(src + half)[v];
-            const FV c = cr[v], sn = sr[v];
-            TV o1, o2;
+        const T *qs = q + b * q_sb + s * q_ss, *ks = k + b * k_sb + s * k_ss;
+        T *qd = q_out + b * qo_sb + s * qo_ss, *kd = k_out + b * ko_sb + s * ko_ss;
+        for (int v = lane; v < nv; v += lanes) {
+            FP c, sn;
+            for (int h0 = slot; h0 < heads; h0 += HEADS_PER_STEP * slots) {
+                TP x1[HEADS_PER_STEP], x2[HEADS_PER_STEP];
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-                const float a = to_float(x1.v[j]), bb = to_float(x2.v[j]), sj = sign * sn.v[j];
-                o1.v[j] = from_float<T>(a * c.v[j] - bb * sj);
-                o2.v[j] = from_float<T>(bb * c.v[j] + a * sj);
+                for (int u = 0; u < HEADS_PER_STEP; ++u) {
+                    const int h = h0 + u * slots;
+                    const bool is_q = h < hq;  // selects, not branches: one address computation
+                    const T *src = (is_q ? qs : ks) + (is_q ? h : h - hq) * (is_q ? q_sh : k_sh);
+                    if (h < heads) {
+                        x1[u] = TP::load(src, v);
+                        x2[u] = TP::load(src + half, v);
+                    }
+                }
+                if (h0 == slot) {  // first step: this chunk's angles (issued after the first heads' loads)
+                    c = FP::load(cos_table + p * half, v);
+                    sn = FP::load(sin_table + p * half, v);
+                }
+#pragma unroll
+                for (int u = 0; u < HEADS_PER_STEP; ++u) {
+                    const int h = h0 + u * slots;
+                    if (h < heads) {
+                        float o1[VEC + 1], o2[VEC + 1];  // [VEC]: the unused partner of an odd last element
+                        o1[VEC] = o2[VEC] = 0.0f;
+#pragma unroll
+                        for (int j = 0; j < VEC; ++j) {
+                            const float a = x1[u].get(j), bb = x2[u].get(j), sj = sign * sn.get(j);
+                            o1[j] = a * c.get(j) - bb * sj;
+                            o2[j] = bb * c.get(j) + a * sj;
+                        }
+                        TP y1, y2;
+#pragma unroll
+                        for (int j = 0; j < VEC; j += 2) {
+                            y1.set(j, o1[j], o1[j + 1]);
+                            y2.set(j, o2[j], o2[j + 1]);
+                        }
+                        const bool is_q = h < hq;
+                        T *dst = (is_q ? qd : kd) + (is_q ? h : h - hq) * (is_q ? qo_sh : ko_sh);
+                        y1.store(dst, v);
+                        y2.store(dst + half, v);
+                    }
+                }
             }
-            reinterpret_cast<TV *>(dst)[v] = o1;
-            reinterpret_cast<TV *>(dst + half)[v] = o2;
         }
     }
 }

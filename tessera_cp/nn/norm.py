@@ -14,7 +14,8 @@ import os
 import numpy
 
 from .. import backend, dtypes
-from ..autograd import Function
+from ..autograd import Function, is_grad_enabled
+from ..cuda import runtime
 from ..errors import DeviceError, DTypeError, ShapeError, TesseraError
 from ..precision import accumulate_storage, compute_dtype
 from ..tensor import Tensor, ones, tensor
@@ -22,10 +23,11 @@ from .module import Module, Parameter
 
 _KERNEL_TYPES = {numpy.dtype(numpy.float32): "float", numpy.dtype(numpy.float16): "__half",
                  dtypes.bf16.storage: "__nv_bfloat16"}
-ITEMS = 4                  # vectors per thread kept in registers (norm.cu's ITEMS)
 WARP_ROWS_PER_BLOCK = 4    # rows per block when a warp owns a row
-REDUCE_COLS, REDUCE_SLICES = 32, 16   # rms_norm_dw_reduce's block
-MAX_GRID = 2 ** 31 - 1
+REDUCE_COLS, REDUCE_SLICES = 32, 32   # rms_norm_dw_reduce's block (norm.cu's constants)
+ASYNC_STAGES = 5           # rows the NV-1 forward stages per thread in shared memory (norm.cu's)
+CUDA_ATTR_SM_COUNT = 16     # cudaDevAttrMultiProcessorCount
+CUDA_ATTR_SMEM_PER_SM = 81  # cudaDevAttrMaxSharedMemoryPerMultiprocessor
 
 
 # ------------------------------------------------------------------------------------------ dispatch helpers
@@ -53,17 +55,11 @@ def _vector_width(itemsize, n, arrays=(), strides=()):
 
 
 def _kernel(source, name):
-    from ..cuda import runtime
     return runtime.get_kernel(source, name)
 
 
 def _launch(source, name, grid, block, args, kernel=None):
-    from ..cuda import runtime
     runtime.launch(kernel if kernel is not None else runtime.get_kernel(source, name), grid, block, args)
-
-
-def _sm_count(xp):
-    return xp.cuda.Device().attributes["MultiProcessorCount"]
 
 
 def _as_tensor(value, what):
@@ -97,37 +93,89 @@ def _reference_backward(x, weight, g, eps):
 
 
 # ------------------------------------------------------------------------------------------ kernel launches
-def _row_tiling(nvec, max_threads):
-    """(threads per row, rows per block): enough threads that each holds at most ITEMS vectors, a warp at least,
-    at most ``max_threads`` (the kernel's limit, which its register count sets: 1024 threads need <= 64 each)."""
-    threads = -(-nvec // ITEMS)
-    threads = min(max(32, max_threads // 32 * 32), max(32, -(-threads // 32) * 32))
-    return threads, (WARP_ROWS_PER_BLOCK if threads == 32 else 1)
+def _row_tiling(nvec, limits):
+    """(NV, threads per row, rows per block) for rows of ``nvec`` vectors; ``limits[nv]``: the most threads a block
+    of the NV-instantiation may have (its __launch_bounds__ and registers). One vector per thread (NV 1) when a
+    block holds the row, else four (NV 4), with as many threads as that needs up to the limit (the rest of a
+    longer row is re-read); short rows get a warp each, WARP_ROWS_PER_BLOCK to a block."""
+    whole_warps = {nv: limit // 32 * 32 for nv, limit in limits.items()}
+    nv = 1 if nvec <= whole_warps[1] else 4    # NV 1 kernels have no re-read path: the block must hold the row
+    needed = -(-nvec // nv)
+    threads = min(whole_warps[nv], -(-needed // 32) * 32)
+    return nv, threads, (WARP_ROWS_PER_BLOCK if threads == 32 else 1)
+
+
+def _resident_blocks(kernel, threads_per_block, smem_per_block, smem_per_sm):
+    """Blocks of a kernel one SM holds at once, from its register count (granularity: 256 registers a warp) and
+    its shared memory (1 KB reserved per block)."""
+    regs_per_warp = -(-max(kernel.num_regs, 1) * 32 // 256) * 256
+    warps = -(-threads_per_block // 32)
+    by_smem = smem_per_sm // (smem_per_block + kernel.shared_size_bytes + 1024)
+    return max(1, min(32, 2048 // threads_per_block, 65536 // (regs_per_warp * warps), by_smem))
+
+
+def _persistent_grid(units, max_grid):
+    """Blocks for ``units`` row slots: all of them when they fit in ``max_grid`` (one wave of resident blocks),
+    else an even split, so every block walks the same number of rows (no last-row straggler)."""
+    waves = -(-units // max_grid)
+    return -(-units // waves)
+
+
+_plans = {}   # see _row_plan
+
+
+def _row_plan(xp, kind, x_dtype, w_dtype, D, vec):
+    """(kernel, block, max_grid, shared_mem) of norm.cu's ``kind`` for rows of D elements read as VEC-vectors."""
+    names = {nv: f"{kind}<{_kernel_type(x_dtype)}, {_kernel_type(w_dtype)}, {vec}, {nv}>" for nv in (1, 4)}
+    kernels = {nv: _kernel("norm.cu", name) for nv, name in names.items()}
+    nv, threads, rows_per_block = _row_tiling(D // vec, {nv: k.max_threads_per_block for nv, k in kernels.items()})
+    block = (threads, rows_per_block)
+    # The forward stages 16-byte vectors in shared memory when NV is 1 (norm.cu's ASYNC_STAGES ring).
+    async_ring = kind == "rms_norm_fwd" and nv == 1 and vec * numpy.dtype(x_dtype).itemsize == 16
+    smem = ASYNC_STAGES * threads * rows_per_block * 16 if async_ring else 0
+    device = xp.cuda.runtime.getDevice()
+    sm_count = xp.cuda.runtime.deviceGetAttribute(CUDA_ATTR_SM_COUNT, device)
+    smem_per_sm = xp.cuda.runtime.deviceGetAttribute(CUDA_ATTR_SMEM_PER_SM, device)
+    max_grid = sm_count * _resident_blocks(kernels[nv], threads * rows_per_block, smem, smem_per_sm)
+    return kernels[nv], block, max_grid, smem
+
+
+def _plan(xp, kind, x, weight, D, arrays):
+    """_row_plan for these arrays, cached by what decides it (dtypes, D, the pointers' alignment, the device):
+    a launch then costs a dictionary look-up on top of CuPy's."""
+    key = (kind, x.dtype, weight.dtype, D, _or_pointers(arrays) & 15, weight.data.ptr & 31,
+           xp.cuda.runtime.getDevice())
+    plan = _plans.get(key)
+    if plan is None:
+        vec = _vector_width(x.dtype.itemsize, D, (*arrays, weight))
+        plan = _plans[key] = _row_plan(xp, kind, x.dtype, weight.dtype, D, vec)
+    return plan
+
+
+def _or_pointers(arrays):
+    bits = 0
+    for a in arrays:
+        bits |= a.data.ptr
+    return bits
 
 
 def _launch_forward(x, weight, eps, out=None):
     """y = rms_norm(x) by norm.cu; ``out`` (contiguous, x's shape and dtype) receives it when given."""
     xp = backend.array_module(x)
-    x, weight = xp.ascontiguousarray(x), xp.ascontiguousarray(weight)
+    if not x.flags.c_contiguous:
+        x = xp.ascontiguousarray(x)
+    if not weight.flags.c_contiguous:
+        weight = xp.ascontiguousarray(weight)
     D = x.shape[-1]
     rows = x.size // D if D else 0
-    y = xp.empty_like(x) if out is None else out
-    if rows == 0 or D == 0:
+    y = xp.empty(x.shape, dtype=x.dtype) if out is None else out
+    if rows == 0:
         return y
-    vec = _vector_width(x.dtype.itemsize, D, (x, y, weight))
-    kernel = _kernel("norm.cu", f"rms_norm_fwd<{_kernel_type(x.dtype)}, {_kernel_type(weight.dtype)}, {vec}>")
-    threads, rows_per_block = _row_tiling(D // vec, kernel.max_threads_per_block)
-    grid = min(-(-rows // rows_per_block), MAX_GRID)
-    _launch("norm.cu", None, grid, (threads, rows_per_block),
-            (x, weight, y, numpy.int64(rows), numpy.int32(D), numpy.float32(eps)), kernel=kernel)
+    kernel, block, max_grid, smem = _plan(xp, "rms_norm_fwd", x, weight, D, (x, y))
+    grid = _persistent_grid(-(-rows // block[1]), max_grid)
+    runtime.launch(kernel, grid, block, (x, weight, y, numpy.int64(rows), numpy.int32(D), numpy.float32(eps)),
+                   shared_mem=smem)
     return y
-
-
-def _resident_blocks(kernel, threads_per_block):
-    """Blocks of a kernel one SM holds at once, from its register count (granularity: 256 registers a warp)."""
-    regs_per_warp = -(-max(kernel.num_regs, 1) * 32 // 256) * 256
-    warps = -(-threads_per_block // 32)
-    return max(1, min(32, 2048 // threads_per_block, 65536 // (regs_per_warp * warps)))
 
 
 def _launch_backward(x, weight, g, eps, dx=None, dw=None):
@@ -136,33 +184,32 @@ def _launch_backward(x, weight, g, eps, dx=None, dw=None):
     x, g, weight = xp.ascontiguousarray(x), xp.ascontiguousarray(g), xp.ascontiguousarray(weight)
     D = x.shape[-1]
     rows = x.size // D if D else 0
-    dx = xp.empty_like(x) if dx is None else dx
+    dx = xp.empty(x.shape, dtype=x.dtype) if dx is None else dx
     dw = xp.empty(D, dtype=weight.dtype) if dw is None else dw
     if rows == 0 or D == 0:
         dw[...] = 0
         return dx, dw
-    vec = _vector_width(x.dtype.itemsize, D, (x, g, dx, weight))
-    kernel = _kernel("norm.cu", f"rms_norm_bwd<{_kernel_type(x.dtype)}, {_kernel_type(weight.dtype)}, {vec}>")
-    threads, rows_per_block = _row_tiling(D // vec, kernel.max_threads_per_block)
-    # One wave of resident blocks: fewer groups means a smaller partial buffer for the second stage.
-    grid = min(-(-rows // rows_per_block), _sm_count(xp) * _resident_blocks(kernel, threads * rows_per_block))
-    groups = grid * rows_per_block
+    kernel, block, max_grid, smem = _plan(xp, "rms_norm_bwd", x, weight, D, (x, g, dx))
+    grid = _persistent_grid(-(-rows // block[1]), max_grid)
+    groups = grid * block[1]   # one partial dw row per row slot; the grid is one wave, so this stays small
     partial = xp.empty((groups, D), dtype=numpy.float32)
-    _launch("norm.cu", None, grid, (threads, rows_per_block),
-            (x, weight, g, dx, partial, numpy.int64(rows), numpy.int32(D), numpy.float32(eps)), kernel=kernel)
+    runtime.launch(kernel, grid, block,
+                   (x, weight, g, dx, partial, numpy.int64(rows), numpy.int32(D), numpy.float32(eps)))
     _launch("norm.cu", f"rms_norm_dw_reduce<{_kernel_type(weight.dtype)}>", -(-D // REDUCE_COLS),
             (REDUCE_COLS, REDUCE_SLICES), (partial, dw, numpy.int32(groups), numpy.int32(D)))
     return dx, dw
 
 
 # ------------------------------------------------------------------------------------------ Functions
+def _forward(x, weight, eps):
+    return _launch_forward(x, weight, eps) if _use_kernel(x, weight) else _reference_forward(x, weight, eps)
+
+
 class RMSNormFunction(Function):
     def forward(self, x, weight, eps=1e-6):
         self.save(x, weight)
         self.eps = eps
-        if _use_kernel(x, weight):
-            return _launch_forward(x, weight, eps)
-        return _reference_forward(x, weight, eps)
+        return _forward(x, weight, eps)
 
     def backward(self, g):
         x, weight = self.saved
@@ -244,7 +291,9 @@ def rms_norm(x, weight, eps=1e-6):
     ``stable_rms_norm``.
     """
     x, weight, eps = _check(x, weight, eps, "rms_norm")
-    return RMSNormFunction.apply(x, weight, eps=eps)
+    if (x.requires_grad or weight.requires_grad) and is_grad_enabled():
+        return RMSNormFunction.apply(x, weight, eps=eps)
+    return Tensor(_forward(x.data, weight.data, eps), x.dtype)   # inference: no graph node to build
 
 
 def stable_rms_norm(x, weight, eps=1e-6):

@@ -160,15 +160,23 @@ def _launch_rope(xs, outs, cos, sin, pos, layout, sign):
     pos_sb = pos.strides[0] // pos.dtype.itemsize if pos.shape[0] > 1 else 0
     pos_ss = pos.strides[1] // pos.dtype.itemsize
     vec = _vector_width(q.dtype.itemsize, half, (q, qo, k, ko, cos, sin), q_st + qo_st + k_st + ko_st)
-    items = (hq + hk) * (half // vec)
-    bx = min(BLOCK_THREADS, -(-items // 32) * 32)
-    by = max(1, BLOCK_THREADS // bx)
-    grid = min(-(-(B * S) // by), MAX_GRID)
+    lanes, block = _rope_tiling(half // vec, hq + hk)
+    grid = min(-(-(B * S) // block[1]), MAX_GRID)
     i64 = numpy.int64
-    _launch("rope.cu", f"rope_apply<{_kernel_type(q.dtype)}, {vec}>", grid, (bx, by),
+    _launch("rope.cu", f"rope_apply<{_kernel_type(q.dtype)}, {vec}>", grid, block,
             (q, *map(i64, q_st), qo, *map(i64, qo_st), numpy.int32(hq),
              k, *map(i64, k_st), ko, *map(i64, ko_st), numpy.int32(hk),
-             cos, sin, pos, i64(pos_sb), i64(pos_ss), i64(B), i64(S), numpy.int32(half), numpy.float32(sign)))
+             cos, sin, pos, i64(pos_sb), i64(pos_ss), i64(B), i64(S), numpy.int32(half), numpy.int32(lanes),
+             numpy.float32(sign)))
+
+
+def _rope_tiling(nv, heads):
+    """(lanes, block) for rope.cu: ``lanes`` threads cover a head's nv vector chunks (all of them up to
+    BLOCK_THREADS), head slots fill the rest of BLOCK_THREADS threads (a thread rotates heads slot, slot + slots, ...
+    of its token, reusing its chunk's cos/sin), and the block's second dimension stacks tokens."""
+    lanes = min(nv, BLOCK_THREADS)
+    slots = max(1, min(heads, BLOCK_THREADS // lanes))
+    return lanes, (lanes * slots, max(1, BLOCK_THREADS // (lanes * slots)))
 
 
 def _rotate_reference(x, cos, sin, pos, layout, sign, out=None):
@@ -229,7 +237,7 @@ def _positions(position_ids, batch, seq, n_positions, device, what):
     if position_ids is None:
         if seq > n_positions:
             raise IndexOutOfRangeError(f"{what}: sequence of {seq} positions, but the tables hold {n_positions}")
-        return xp.arange(seq, dtype=numpy.int64)[None, :]
+        return _arange_positions(seq, device, xp.cuda.runtime.getDevice() if device == "cuda" else None)
     if not isinstance(position_ids, Tensor):
         position_ids = tensor(numpy.asarray(position_ids) if not backend.is_cupy_array(position_ids)
                               else position_ids, device=device)
@@ -249,6 +257,13 @@ def _positions(position_ids, batch, seq, n_positions, device, what):
             raise IndexOutOfRangeError(f"{what}: position ids span [{lo}, {hi}], the tables hold positions "
                                        f"[0, {n_positions})")
     return xp.ascontiguousarray(pos)
+
+
+@functools.lru_cache(maxsize=16)
+def _arange_positions(seq, device, device_id):
+    """[[0, 1, ..., seq-1]] (int64) on ``device``: kept, so a call without position ids allocates and launches
+    nothing for them. Only kernels and references read it."""
+    return backend.xp_for(device).arange(seq, dtype=numpy.int64)[None, :]
 
 
 def apply_rope(q, k=None, cos=None, sin=None, position_ids=None, *, layout="BSHD", inplace=False):

@@ -214,10 +214,22 @@ def test_vector_width(itemsize, n, arrays, strides, expected):
 
 
 def test_row_tiling():
-    assert norm._row_tiling(512, 1024) == (128, 1)         # D = 4096 bf16: 128 threads x 4 vectors
-    assert norm._row_tiling(16, 1024) == (32, norm.WARP_ROWS_PER_BLOCK)
-    assert norm._row_tiling(32769, 1024) == (1024, 1)      # rows beyond the registers are re-read
-    assert norm._row_tiling(4096, 400) == (384, 1)         # a register-heavy kernel: fewer threads, re-read rest
+    limits = {1: 512, 4: 512}                              # the forward kernels' launch bounds
+    assert norm._row_tiling(512, limits) == (1, 512, 1)    # D = 4096 bf16: 512 threads x 1 vector
+    assert norm._row_tiling(125, limits) == (1, 128, 1)    # D = 1000 bf16: a block of 128, 3 threads idle
+    assert norm._row_tiling(16, limits) == (1, 32, norm.WARP_ROWS_PER_BLOCK)
+    assert norm._row_tiling(1024, limits) == (4, 256, 1)   # D = 4096 f32: 256 threads x 4 vectors
+    assert norm._row_tiling(513, limits) == (4, 160, 1)
+    assert norm._row_tiling(32768, limits) == (4, 512, 1)  # rows beyond the registers are re-read
+    assert norm._row_tiling(4096, {1: 512, 4: 256}) == (4, 256, 1)   # the backward's smaller NV-4 blocks
+    assert norm._row_tiling(4096, {1: 512, 4: 200}) == (4, 192, 1)   # a register-limited kernel: whole warps
+
+
+def test_persistent_grid_splits_rows_evenly():
+    assert norm._persistent_grid(100, 528) == 100
+    assert norm._persistent_grid(16384, 528) == 512        # 32 rows each, not 31 or 32
+    assert norm._persistent_grid(1056, 528) == 528
+    assert norm._persistent_grid(1057, 528) == 353         # 3 rows each (the last two blocks 2)
 
 
 def test_reference_runs_on_numpy_arrays():

@@ -294,6 +294,19 @@ def test_table_length_rounds_up_to_a_power_of_two():
     assert [rope._table_length(n) for n in (1, 2, 3, 5, 1024, 1025)] == [1, 2, 4, 8, 1024, 2048]
 
 
+@pytest.mark.parametrize("nv, heads, expected", [
+    (8, 64, (8, (256, 1))),      # D = 128 bf16, 32 + 32 heads: 32 head slots, two heads a thread
+    (8, 4, (8, (32, 8))),        # few heads: 8 tokens a block
+    (3, 4, (3, (12, 21))),       # odd chunk counts: blocks need not be whole warps
+    (1, 1, (1, (1, 256))),
+    (2048, 2, (256, (256, 1))),  # more chunks than threads: each thread walks several
+])
+def test_rope_tiling(nv, heads, expected):
+    lanes, block = rope._rope_tiling(nv, heads)
+    assert (lanes, block) == expected
+    assert block[0] % lanes == 0 and block[0] * block[1] <= rope.BLOCK_THREADS
+
+
 # ------------------------------------------------------------------------------------------ GPU
 def _gpu():
     cp = pytest.importorskip("cupy")
