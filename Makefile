@@ -12,8 +12,20 @@ $(VENV)/.installed: setup.py
 	$(VPY) -m pip install -q -e '.[test,mpi]'
 	touch $@
 
-run: $(VENV)/.installed
-	$(VPY) examples/transformer_block.py
+# `make run`: generate from a small random Llama checkpoint (built once under .cache/), or from a real Hugging Face
+# folder with `make run MODEL=path/to/model`; on the GPU when this python has CuPy and sees one (run from the
+# checkout, as gpu-test), else on the CPU in the virtualenv. PROMPT, TOKENS and ARGS (more `generate` options) too.
+MODEL ?=
+PROMPT ?= Once upon a time
+TOKENS ?= 64
+ARGS ?=
+RUN_ARGS = generate $(if $(MODEL),--model "$(MODEL)") --prompt "$(PROMPT)" --max-new-tokens $(TOKENS) $(ARGS)
+run:
+	@if $(PYTHON) -c "import cupy, ml_dtypes; assert cupy.is_available()" >/dev/null 2>&1; then \
+		PYTHONPATH=. $(PYTHON) -m tessera_cp.cli $(RUN_ARGS); \
+	else \
+		$(MAKE) --no-print-directory $(VENV)/.installed && $(VPY) -m tessera_cp.cli $(RUN_ARGS); \
+	fi
 
 test: $(VENV)/.installed
 	$(VPY) -m pytest -q tests

@@ -15,6 +15,7 @@ setup(
         # An MPI runtime from PyPI, so no system MPI is needed.
         "mpi": ["mpi4py>=4", "mpich"],
         "io": ["safetensors"],
+        "models": ["tokenizers"],  # tokenizer.json of Hugging Face model folders (a byte-level fallback otherwise)
         # NVRTC and the CUDA headers compile every .cu source for sm_80/sm_90 on machines without a GPU.
         "test": ["pytest", "pytest-benchmark", "hypothesis", "safetensors",
                  "nvidia-cuda-nvrtc", "nvidia-cuda-runtime"],

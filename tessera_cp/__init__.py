@@ -45,7 +45,7 @@ _MESH_NAMES = ("Mesh", "MeshTensor", "on_mesh", "mesh_reduce", "all_reduce", "al
 def __getattr__(name):
     # Later layers load on first use, so `import tessera_cp` stays light.
     import importlib
-    if name in ("fp8", "quant", "nn", "comm", "cuda", "testing", "optim"):
+    if name in ("fp8", "quant", "nn", "comm", "cuda", "testing", "optim", "models"):
         return importlib.import_module("." + name, __name__)
     if name in _MESH_NAMES:  # the seeds' tessera.Mesh, tessera.mesh_reduce, ...
         return getattr(importlib.import_module(".comm", __name__), name)
