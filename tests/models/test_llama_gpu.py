@@ -1,6 +1,8 @@
 """The Llama model and generation on the GPU (bf16, kernels, CUDA graphs) against the float64 NumPy forward of
 conftest.py: the low-precision rule on prefill and decode logits, greedy continuations, graph vs eager, batching
 invariance, int8 weight-only perplexity."""
+import json
+
 import ml_dtypes
 import numpy
 import pytest
@@ -22,14 +24,14 @@ def tiny(tmp_path_factory):
     if not backend.cuda_available():
         pytest.skip("needs a GPU")
     folder = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny", seed=0)
-    cfg = dict(__import__("json").loads((folder / "config.json").read_text()))
+    cfg = dict(json.loads((folder / "config.json").read_text()))
     weights = {k: v.astype(ml_dtypes.bfloat16).astype(numpy.float64)
                for k, v in random_weights(LlamaConfig.from_dict(cfg), 0).items()}
     return folder, cfg, weights
 
 
 def test_model_is_bf16_on_the_gpu(tiny):
-    model = LlamaForCausalLM.from_pretrained(tiny[0])
+    model = LlamaForCausalLM.from_pretrained(tiny[0], device="cuda")  # tests default to the CPU (conftest)
     assert model.device == "cuda" and model.dtype.name == "bf16"
 
 
