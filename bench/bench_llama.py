@@ -90,7 +90,7 @@ def _decode_bench(cuda_bench, model, label, hf=None):
     nbytes = _weight_bytes(model) + _kv_bytes(config, CONTEXT + 1)
     result = cuda_bench(f"llama decode step, batch 1, context {CONTEXT} ({label})", step, bytes=nbytes)
     ms = result["tessera_cp"]
-    print(f"{label}: decode step {ms * 1e3:.0f} us = {1e3 / ms:.0f} tokens/s, {nbytes / ms / 1e9 / 3000:.0%} of the "
+    print(f"{label}: decode step {ms * 1e3:.0f} us = {1e3 / ms:.0f} tokens/s, {nbytes / ms / 1e6 / 3000:.0%} of the "
           f"HBM roofline (goal >= 60%); end to end: prefill {out.prefill_tokens_per_second:.0f} tokens/s, decode "
           f"{out.decode_tokens_per_second:.0f} tokens/s over {NEW} tokens")
     if hf is not None:
