@@ -3,7 +3,7 @@
     PYTHONPATH=. compute-sanitizer --tool memcheck python3 tests/gpu_sanitize_attention.py
     PYTHONPATH=. compute-sanitizer --tool racecheck python3 tests/gpu_sanitize_attention.py
 
-Covers attn_fwd (plain, with mask + ALiBi, packed decode with split keys), attn_combine, attn_bwd_dot, attn_bwd_dq
+Covers attn_fwd (plain, with mask + ALiBi, packed decode with split keys), the in-launch split merge, attn_bwd_dot, attn_bwd_dq
 and attn_bwd_dkdv (plain and masked), on lengths that are not multiples of any tile.
 """
 import cupy

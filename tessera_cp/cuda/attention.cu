@@ -1,39 +1,44 @@
 // Flash attention forward on tensor cores (mma.sync m16n8k16, bf16/f16 in, f32 accumulate), launched by
 // tessera_cp/nn/attention.py. The backward kernels (attention_bwd.cu) include this file for its tile helpers.
 //
-// attn_fwd<T, D, NWARPS, MT, BN, MINB, EXTRA>: one block owns BM = 16 * MT * NWARPS query rows of one head (or,
-// with `pack`, of the G query heads that share one KV head: decode packs its few queries of a group into one tile,
-// so each K/V byte is read once per group); each warp owns 16 * MT rows. The block walks the key tiles of BN keys:
-//   * K and V tiles go global -> shared with cp.async, two stages (tile n+1 loads while tile n is computed);
-//   * Q goes through shared memory once into mma A-fragments held in registers, unless they do not fit
-//     (MT * D > 128, or MINB * NWARPS > 8 warps per SM, which caps registers at 128): then they are re-read from
-//     shared memory at each tile;
-//   * S = Q K^T and O += P V run on mma.sync; fragments come from ldmatrix (.trans for V);
-//   * the online softmax (running max and sum per row) lives in registers, in log2 units (exp2 of scaled scores);
-//   * masks (key tail, bottom-right causal, additive f32 or boolean mask broadcast through strides, ALiBi) are
-//     applied to a tile only when it needs them; EXTRA = false compiles no mask/ALiBi code at all.
+// attn_fwd<T, D, NWARPS, MT, BN, MINB, STAGES, EXTRA>: one block owns BM = 16 * MT * NWARPS query rows of one head
+// (or, with `pack`, of the G query heads that share one KV head: decode packs its few queries of a group into one
+// tile, so each K/V byte is read once per group); each warp owns 16 * MT rows. The block walks the key tiles of BN
+// keys:
+//   * K and V tiles go global -> shared with 16-byte cp.async, STAGES deep, one barrier per tile (after it, tile t
+//     is visible and the stage of tile t - 1 is free for the prefetch of tile t + STAGES - 1);
+//   * Q goes through shared memory once; its mma A-fragments stay in registers when they fit beside the
+//     accumulators, else they are re-read from shared memory at each tile (MT = 2 halves the K/V fragment reads
+//     per MMA instead);
+//   * S = Q K^T and O += P V run on mma.sync; fragments come from ldmatrix (.trans for V) at per-lane shared
+//     addresses computed once, plus compile-time offsets;
+//   * the online softmax (running max and sum per row) lives in registers, in log2 units. Tiles that no mask
+//     touches (every key exists, every row of the block sees it) run a variant with no index arithmetic: the
+//     scale is folded into the exponent, exp2(s * scale * log2 e - max), and the rescale of O is skipped when no
+//     row's max moved. Only the diagonal and tail tiles (and all tiles with EXTRA) run the masked variant;
+//   * masks (key tail, bottom-right causal, additive f32 or boolean mask broadcast through strides, ALiBi);
+//     EXTRA = false compiles no mask/ALiBi code at all.
 // Row i sees key j under `causal` when j <= i + Sk - Sq. A row that sees no key gets O = 0 and LSE = +inf (so the
 // backward's exp(s - LSE) is 0 there). The natural-log LSE is stored per row for the backward.
-// Split-KV (flash-decoding): with n_splits > 1, grid.z = B * n_splits and split s covers key tiles
-// [s * tiles_per_split, (s + 1) * tiles_per_split); each writes an f32 partial O (normalised by its own sum) and its
-// LSE (-inf when it saw nothing) into o_part / lse_part, and attn_combine merges them by log-sum-exp.
+// grid = (heads * B, row blocks, splits); row blocks run in reverse order (the longest causal rows first).
+// Split-KV (flash-decoding): with n_splits > 1, split s covers key tiles [s * tiles_per_split, (s + 1) *
+// tiles_per_split); each writes an f32 partial O (normalised by its own sum) and its LSE (-inf when it saw nothing)
+// into o_part / lse_part; the split of a row block that finishes last (a ticket in `counters`, one zeroed int per
+// row block, which it resets) merges them by log-sum-exp in a fixed order, in the same launch.
 // Shared rows are padded by 16 bytes (row stride D + 8 elements): the 8 rows one ldmatrix phase reads then fall in
 // distinct bank groups. Limits: D % 32 == 0; rows of q/k/v contiguous (stride 1 along D) with 16-byte aligned rows.
-// MINB is the __launch_bounds__ minimum of blocks per SM (it sets the register budget).
+// MINB is the __launch_bounds__ minimum of blocks per SM (it sets the register budget). With masks or ALiBi
+// (EXTRA) the Python side picks MT = 1: MT = 2 spills heavily there.
 //
-// tessera-instantiate: attn_fwd<__nv_bfloat16, 64, 4, 1, 64, 4, false>; attn_fwd<__nv_bfloat16, 64, 4, 1, 64, 4, true>
-// tessera-instantiate: attn_fwd<__nv_bfloat16, 128, 8, 1, 32, 2, false>; attn_fwd<__nv_bfloat16, 128, 8, 1, 32, 2, true>
-// tessera-instantiate: attn_fwd<__nv_bfloat16, 64, 4, 1, 64, 2, false>; attn_fwd<__nv_bfloat16, 64, 4, 1, 64, 2, true>
-// tessera-instantiate: attn_fwd<__nv_bfloat16, 128, 4, 1, 64, 2, false>; attn_fwd<__nv_bfloat16, 128, 4, 1, 64, 2, true>
-// tessera-instantiate: attn_fwd<__half, 64, 4, 1, 64, 4, false>; attn_fwd<__half, 64, 4, 1, 64, 4, true>
-// tessera-instantiate: attn_fwd<__half, 128, 8, 1, 32, 2, false>; attn_fwd<__half, 128, 8, 1, 32, 2, true>
-// tessera-instantiate: attn_fwd<__half, 64, 4, 1, 64, 2, false>; attn_fwd<__half, 64, 4, 1, 64, 2, true>
-// tessera-instantiate: attn_fwd<__half, 128, 4, 1, 64, 2, false>; attn_fwd<__half, 128, 4, 1, 64, 2, true>
-// tessera-instantiate: attn_fwd<__nv_bfloat16, 32, 4, 1, 64, 2, false>; attn_fwd<__nv_bfloat16, 96, 8, 1, 64, 1, false>
-// tessera-instantiate: attn_fwd<__nv_bfloat16, 256, 8, 1, 32, 1, false>; attn_fwd<__nv_bfloat16, 96, 4, 1, 64, 2, false>
-// tessera-instantiate: attn_combine<__nv_bfloat16, 64>; attn_combine<__half, 64>
-// tessera-instantiate: attn_combine<__nv_bfloat16, 128>; attn_combine<__half, 128>
-// tessera-instantiate: attn_combine<__nv_bfloat16, 32>; attn_combine<__nv_bfloat16, 96>; attn_combine<__nv_bfloat16, 256>
+// tessera-instantiate: attn_fwd<__nv_bfloat16, 128, 4, 2, 32, 2, 2, false>; attn_fwd<__nv_bfloat16, 64, 4, 2, 64, 2, 2, false>
+// tessera-instantiate: attn_fwd<__nv_bfloat16, 128, 4, 1, 64, 2, 2, false>; attn_fwd<__nv_bfloat16, 128, 4, 1, 64, 2, 2, true>
+// tessera-instantiate: attn_fwd<__nv_bfloat16, 64, 4, 1, 64, 2, 2, false>; attn_fwd<__nv_bfloat16, 64, 4, 1, 64, 2, 2, true>
+// tessera-instantiate: attn_fwd<__half, 128, 4, 2, 32, 2, 2, false>; attn_fwd<__half, 64, 4, 2, 64, 2, 2, false>
+// tessera-instantiate: attn_fwd<__half, 128, 4, 1, 64, 2, 2, false>; attn_fwd<__half, 128, 4, 1, 64, 2, 2, true>
+// tessera-instantiate: attn_fwd<__half, 64, 4, 1, 64, 2, 2, false>; attn_fwd<__half, 64, 4, 1, 64, 2, 2, true>
+// tessera-instantiate: attn_fwd<__nv_bfloat16, 32, 4, 1, 64, 2, 2, false>; attn_fwd<__nv_bfloat16, 96, 8, 1, 64, 1, 2, false>
+// tessera-instantiate: attn_fwd<__nv_bfloat16, 96, 4, 1, 64, 2, 2, false>; attn_fwd<__nv_bfloat16, 256, 8, 1, 32, 1, 2, false>
+// tessera-instantiate: attn_fwd<__nv_bfloat16, 128, 4, 2, 64, 2, 2, false>
 #ifndef TESSERA_ATTENTION_CU  // attention_bwd.cu includes this file
 #define TESSERA_ATTENTION_CU
 
@@ -100,24 +105,36 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool vali
                  "r"(valid ? 16 : 0)
                  : "memory");
 }
+// The same by shared address: always 16 bytes, or zero-filled when !valid.
+__device__ __forceinline__ void cp_async16(unsigned dst, const void *src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async16(unsigned dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 // Four 8x8 b16 matrices; lanes 8m..8m+7 give the row addresses of matrix m; lane l receives, of each matrix,
-// (row l/4, columns 2(l%4), 2(l%4)+1) -- or with .trans (rows 2(l%4), 2(l%4)+1, column l/4).
-__device__ __forceinline__ void ldsm_x4(unsigned &r0, unsigned &r1, unsigned &r2, unsigned &r3, const void *p) {
+// (row l/4, columns 2(l%4), 2(l%4)+1) -- or with .trans (rows 2(l%4), 2(l%4)+1, column l/4). Addresses are in the
+// shared space (bytes): kernels keep one base address per lane and add compile-time offsets.
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], unsigned addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-                 : "r"(smem_addr(p))
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
                  : "memory");
 }
-__device__ __forceinline__ void ldsm_x4_t(unsigned &r0, unsigned &r1, unsigned &r2, unsigned &r3, const void *p) {
+__device__ __forceinline__ void ldsm_x4_t(unsigned (&r)[4], unsigned addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-                 : "r"(smem_addr(p))
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
                  : "memory");
 }
+
+// A bool as a type: a generic lambda called with Flag<true>() or Flag<false>() compiles two variants.
+template <bool V> struct Flag { static constexpr bool value = V; };
 
 // ROWS rows of D elements, rows `stride` elements apart, into shared rows of SROW elements; rows >= valid_rows
 // are zero-filled (never read). All NTHREADS threads take part.
@@ -132,26 +149,6 @@ __device__ __forceinline__ void load_rows(T *dst, const T *src, long long stride
         const bool ok = r < valid_rows;
         cp_async16(dst + r * SROW + ch * 8, src + (ok ? r * stride + ch * 8 : 0), ok);
     }
-}
-
-// A-fragment (16x16 row-major, rows `rows`, columns col..col+15) of a shared tile.
-template <int SROW, typename T>
-__device__ __forceinline__ void load_a(unsigned (&a)[4], const T *tile, int row0, int col, int lane) {
-    ldsm_x4(a[0], a[1], a[2], a[3], tile + (row0 + (lane & 15)) * SROW + col + (lane >> 4) * 8);
-}
-// B-fragments for two k16 steps (columns col..col+31 of the shared rows row0..row0+7): the B operand is the tile
-// read as [k = column][n = row] (K for S = Q K^T).
-template <int SROW, typename T>
-__device__ __forceinline__ void load_b_rows(unsigned &b0, unsigned &b1, unsigned &b2, unsigned &b3, const T *tile,
-                                            int row0, int col, int lane) {
-    ldsm_x4(b0, b1, b2, b3, tile + (row0 + (lane & 7)) * SROW + col + (lane >> 3) * 8);
-}
-// B-fragments for one k16 step over rows row0..row0+15 and two n8 column groups col, col+8: the B operand is the
-// tile read as [k = row][n = column] (V for O = P V). b0,b1 serve columns col..col+7; b2,b3 col+8..col+15.
-template <int SROW, typename T>
-__device__ __forceinline__ void load_b_cols(unsigned &b0, unsigned &b1, unsigned &b2, unsigned &b3, const T *tile,
-                                            int row0, int col, int lane) {
-    ldsm_x4_t(b0, b1, b2, b3, tile + (row0 + (lane & 15)) * SROW + col + (lane >> 4) * 8);
 }
 
 // Where a score lands: everything the masks of one row need, computed once per thread and row.
@@ -196,13 +193,13 @@ __device__ __forceinline__ float masked_score(float x, const MaskArgs &m, const 
 // ---- the forward kernel ---------------------------------------------------------------------------------------
 using namespace tessera_attn;
 
-// MT = m16 row tiles per warp: with MT = 2 each B-fragment of K and V read from shared memory serves two row tiles
-// (half the shared-memory traffic per FLOP, two independent MMA chains), at the price of re-reading Q's
-// A-fragments from shared memory when they no longer fit in registers (MT * D > 128).
-template <typename T, int D, int NWARPS, int MT, int BN, int MINB, bool EXTRA>
+// MT = m16 row tiles per warp: with MT = 2 each K/V fragment read from shared memory serves two row tiles (half the
+// shared-memory traffic per MMA, two independent MMA chains); Q's A-fragments then come from shared memory at each
+// tile unless they fit in registers beside the accumulators (Q_IN_REGS, decided from the register budget).
+template <typename T, int D, int NWARPS, int MT, int BN, int MINB, int STAGES, bool EXTRA>
 __global__ void __launch_bounds__(NWARPS * 32, MINB)
 attn_fwd(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v, T *__restrict__ o,
-         float *__restrict__ lse, float *__restrict__ o_part, float *__restrict__ lse_part,
+         float *__restrict__ lse, float *__restrict__ o_part, float *__restrict__ lse_part, int *__restrict__ counters,
          const float *__restrict__ mask_f, const unsigned char *__restrict__ mask_b,
          const float *__restrict__ slopes, int Hq, int Hkv, int Sq, int Sk, long long q_sb, long long q_sh,
          long long q_ss, long long k_sb, long long k_sh, long long k_ss, long long v_sb, long long v_sh,
@@ -210,203 +207,276 @@ attn_fwd(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__
          float scale, int causal, int mask_kind, int alibi, int pack, int n_splits, int tiles_per_split) {
     constexpr int WR = 16 * MT;  // rows per warp
     constexpr int BM = WR * NWARPS, NTHREADS = 32 * NWARPS, SROW = D + 8;
-    constexpr int KSTEPS = D / 16;             // k16 steps of S = Q K^T
-    constexpr int NS = BN / 8;                 // n8 tiles of S per row tile
-    constexpr int NO = D / 8;                  // n8 tiles of O per row tile
-    // Q's A-fragments stay in registers unless they do not fit (see the header).
-    constexpr bool Q_IN_REGS = MT * D <= 128 && NWARPS * MINB <= 8;
-    static_assert(D % 32 == 0 && BN % 16 == 0, "tile shape");
+    constexpr int RB = SROW * static_cast<int>(sizeof(T));  // bytes per shared row
+    constexpr int STAGE = BN * RB;                          // bytes of one K (or V) stage
+    constexpr int KSTEPS = D / 16;                          // k16 steps of S = Q K^T
+    constexpr int NS = BN / 8;                              // n8 tiles of S per row tile
+    constexpr int NO = D / 8;                               // n8 tiles of O per row tile
+    constexpr int CH = D / 8;                               // 16-byte pieces per row
+    constexpr int REG_CAP = 65536 / (NTHREADS * MINB) > 255 ? 255 : 65536 / (NTHREADS * MINB);
+    // Q fragments stay in registers when they fit beside O, S and ~40 registers of addresses and state.
+    constexpr bool Q_IN_REGS = MT * D <= 128 && MT * D / 2 + MT * BN / 2 + MT * D / 4 + 40 <= REG_CAP;
+    // Every thread copies the same column of RPI rows apart at each step when the tile divides evenly.
+    constexpr bool FAST_LOAD = NTHREADS % CH == 0 && (BN * CH) % NTHREADS == 0;
+    constexpr int RPI = FAST_LOAD ? NTHREADS / CH : 1, LOAD_IT = FAST_LOAD ? BN / RPI : 1;
+    static_assert(D % 32 == 0 && BN % 16 == 0 && STAGES >= 2, "tile shape");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T *sQ = reinterpret_cast<T *>(smem_raw);
-    T *sK = sQ + BM * SROW;      // two stages of BN x SROW
-    T *sV = sK + 2 * BN * SROW;  // two stages of BN x SROW
+    T *sK = sQ + BM * SROW;           // STAGES stages of BN x SROW
+    T *sV = sK + STAGES * BN * SROW;  // STAGES stages of BN x SROW
+    const unsigned sQa = smem_addr(sQ), sKa = smem_addr(sK), sVa = smem_addr(sV);
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int G = Hq / Hkv;
-    const int m_block = gridDim.x - 1 - blockIdx.x;  // longest causal rows first
-    const int split = blockIdx.z % n_splits, b = blockIdx.z / n_splits, B = gridDim.z / n_splits;
-    const int hk = pack ? blockIdx.y : blockIdx.y / G;
+    const int G = Hq / Hkv, heads = pack ? Hkv : Hq;
+    // grid = (heads * B, row blocks, splits): row blocks vary slowest, longest causal rows first.
+    const int hx = blockIdx.x % heads, b = blockIdx.x / heads, B = gridDim.x / heads;
+    const int m_block = gridDim.y - 1 - blockIdx.y, split = blockIdx.z;
+    const int hk = pack ? hx : hx / G;
     const int rows_total = pack ? G * Sq : Sq;
     const int m0 = m_block * BM, w0 = warp * WR;  // first row of the block, and of this warp within it
+    const int diag = Sk - Sq;
 
-    MaskArgs ma{mask_f, mask_b, slopes, m_sb, m_sh, m_si, m_sj, slopes_sb, mask_kind, alibi, causal, Sk - Sq};
+    MaskArgs ma{mask_f, mask_b, slopes, m_sb, m_sh, m_si, m_sj, slopes_sb, mask_kind, alibi, causal, diag};
 
     // The rows this thread holds in every accumulator fragment: lane / 4 and lane / 4 + 8 of each row tile.
-    int row_h[MT][2], row_i[MT][2];
+    // lim = the last key the row may see (-1: a padding row); warp_lim = the largest over the warp's rows.
+    // (Head and index of a row are recomputed where needed: registers are scarce in the main loop.)
+    auto row_head = [&](int row) { return pack ? hk * G + row / Sq : hx; };
+    auto row_index = [&](int row) { return pack ? row % Sq : row; };
+    int lim[MT][2];
     RowInfo ri[MT][2];
+    int warp_lim = -1;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int row = m0 + w0 + mt * 16 + lane / 4 + 8 * r;
-            row_h[mt][r] = pack ? hk * G + row / Sq : blockIdx.y;
-            row_i[mt][r] = pack ? row % Sq : row;
-            ri[mt][r] = row_info(ma, b, row_h[mt][r], row_i[mt][r], row < rows_total);
+            const bool valid = row < rows_total;
+            if constexpr (EXTRA) ri[mt][r] = row_info(ma, b, row_head(row), row_index(row), valid);
+            lim[mt][r] = !valid ? -1 : causal ? min(row_index(row) + diag, Sk - 1) : Sk - 1;
+            warp_lim = max(warp_lim, lim[mt][r]);
         }
+    warp_lim = max(warp_lim, __shfl_xor_sync(0xffffffffu, warp_lim, 4));
+    warp_lim = max(warp_lim, __shfl_xor_sync(0xffffffffu, warp_lim, 8));
+    warp_lim = max(warp_lim, __shfl_xor_sync(0xffffffffu, warp_lim, 16));
 
-    // Key tiles this block visits.
+    // Key tiles this block visits; tiles [t_begin, t_plain) need no mask at all (every key exists and every
+    // valid row of the block sees it): they run the unmasked variant of the tile code.
     int n_tiles = (Sk + BN - 1) / BN;
     if (causal) {
-        const int last_i = pack ? Sq - 1 : min(m0 + BM, Sq) - 1;
-        const int last_key = last_i + Sk - Sq;
+        const int last_key = (pack ? Sq - 1 : min(m0 + BM, Sq) - 1) + diag;
         n_tiles = min(n_tiles, last_key < 0 ? 0 : last_key / BN + 1);
     }
     const int t_begin = split * tiles_per_split;
     const int t_end = min(n_tiles, t_begin + tiles_per_split);
-    const int first_i = pack ? 0 : m0;  // smallest query index among the block's rows
+    // (A scale <= 0 takes the masked variant everywhere: the unmasked one takes the max of the raw scores.)
+    int t_plain = EXTRA || !(scale > 0.0f) ? t_begin : min(t_end, Sk / BN);
+    if (!EXTRA && causal) {
+        const int lim0 = (pack ? 0 : m0) + diag;  // the smallest limit among the block's rows
+        t_plain = min(t_plain, lim0 + 1 <= 0 ? 0 : (lim0 + 1) / BN);
+    }
 
     const T *kg = k + b * k_sb + hk * k_sh;
     const T *vg = v + b * v_sb + hk * v_sh;
+
+    // K/V tile t into `stage`: 16-byte cp.async, rows past Sk zero-filled (only the last tile checks).
+    const int ld_r = tid / CH, ld_c = (tid % CH) * 8;
+    const unsigned ld_dst = (ld_r * SROW + ld_c) * sizeof(T);
+    auto load_kv = [&](int t, int stage) {
+        const int key0 = t * BN;
+        if constexpr (FAST_LOAD) {
+            const T *ks = kg + (key0 + ld_r) * k_ss + ld_c, *vs = vg + (key0 + ld_r) * v_ss + ld_c;
+            const unsigned kd = sKa + stage * STAGE + ld_dst, vd = sVa + stage * STAGE + ld_dst;
+            if (key0 + BN <= Sk) {
+#pragma unroll
+                for (int it = 0; it < LOAD_IT; ++it) {
+                    cp_async16(kd + it * RPI * RB, ks + it * RPI * k_ss);
+                    cp_async16(vd + it * RPI * RB, vs + it * RPI * v_ss);
+                }
+            } else {
+#pragma unroll
+                for (int it = 0; it < LOAD_IT; ++it) {
+                    const bool ok = key0 + ld_r + it * RPI < Sk;
+                    cp_async16(kd + it * RPI * RB, ok ? ks + it * RPI * k_ss : kg, ok);
+                    cp_async16(vd + it * RPI * RB, ok ? vs + it * RPI * v_ss : vg, ok);
+                }
+            }
+        } else {
+            load_rows<T, BN, D, SROW, NTHREADS>(sK + stage * BN * SROW, kg + key0 * k_ss, k_ss, Sk - key0);
+            load_rows<T, BN, D, SROW, NTHREADS>(sV + stage * BN * SROW, vg + key0 * v_ss, v_ss, Sk - key0);
+        }
+    };
+
+    // Per-lane ldmatrix addresses (bytes, shared space); fragments add compile-time offsets and the stage.
+    const unsigned q_ld = sQa + ((w0 + (lane & 15)) * SROW + (lane >> 4) * 8) * sizeof(T);  // A of Q
+    const unsigned k_ld = sKa + ((lane & 7) * SROW + (lane >> 3) * 8) * sizeof(T);          // B of K (rows)
+    const unsigned v_ld = sVa + ((lane & 15) * SROW + (lane >> 4) * 8) * sizeof(T);         // B of V (.trans)
 
     float acc[MT][NO][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int t = 0; t < NO; ++t) acc[mt][t][0] = acc[mt][t][1] = acc[mt][t][2] = acc[mt][t][3] = 0.0f;
-    float row_max[MT][2], row_sum[MT][2];
+    float row_max[MT][2], row_sum[MT][2];  // running max in log2 units (scaled, biased), running sum
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) row_max[mt][0] = row_max[mt][1] = neg_inf(), row_sum[mt][0] = row_sum[mt][1] = 0.0f;
     const float scale_log2 = scale * LOG2E;
-    const bool warp_has_rows = m0 + w0 < rows_total;
+    unsigned qf[Q_IN_REGS ? MT : 1][Q_IN_REGS ? KSTEPS : 1][4];
+
+    // One key tile: S = Q K^T, (MASKED: bias and masks), online softmax, O += P V. Unmasked tiles fold the scale
+    // into the exponent (exp2(s * scale_log2 - max)) and touch no index.
+    auto tile = [&](auto masked_flag, int t, int stage) {
+        constexpr bool MASKED = decltype(masked_flag)::value;
+        const unsigned kb = k_ld + stage * STAGE, vb = v_ld + stage * STAGE;
+        float s[MT][NS][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int n = 0; n < NS; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; kk += 2) {
+            unsigned a0[MT][4], a1[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                if constexpr (Q_IN_REGS) {
+#pragma unroll
+                    for (int x = 0; x < 4; ++x) a0[mt][x] = qf[mt][kk][x], a1[mt][x] = qf[mt][kk + 1][x];
+                } else {
+                    ldsm_x4(a0[mt], q_ld + mt * 16 * RB + kk * 16 * sizeof(T));
+                    ldsm_x4(a1[mt], q_ld + mt * 16 * RB + (kk + 1) * 16 * sizeof(T));
+                }
+            }
+#pragma unroll
+            for (int n = 0; n < NS; ++n) {
+                unsigned bk[4];
+                ldsm_x4(bk, kb + n * 8 * RB + kk * 16 * sizeof(T));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma<T>(s[mt][n], a0[mt], bk[0], bk[1]);
+                    mma<T>(s[mt][n], a1[mt], bk[2], bk[3]);
+                }
+            }
+        }
+        float c = scale_log2;  // the factor applied inside the exponent
+        if constexpr (MASKED) {
+            const int j0 = t * BN + 2 * (lane & 3);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int n = 0; n < NS; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float x = s[mt][n][e] * scale_log2;
+                        if constexpr (EXTRA) x = masked_score<true>(x, ma, ri[mt][e >> 1], j0 + n * 8 + (e & 1), Sk);
+                        else if (j0 + n * 8 + (e & 1) > lim[mt][e >> 1]) x = neg_inf();
+                        s[mt][n][e] = x;
+                    }
+            c = 1.0f;
+        }
+        // Online softmax: new running max per row (the 4 lanes of a quad share a row).
+        float alpha[MT][2];
+        bool changed = false;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float m = neg_inf();  // the largest scaled score is c (> 0) times the largest raw one
+#pragma unroll
+                for (int n = 0; n < NS; ++n) m = fmaxf(m, fmaxf(s[mt][n][2 * r], s[mt][n][2 * r + 1]));
+                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+                const float mx = fmaxf(row_max[mt][r], MASKED ? m : m * c);
+                const float base = mx == neg_inf() ? 0.0f : mx;  // a row that has seen nothing yet
+                alpha[mt][r] = exp2_approx(row_max[mt][r] - base);
+                changed |= alpha[mt][r] != 1.0f;
+                row_max[mt][r] = mx;
+                const float nb = -base;
+                float sum = 0.0f;
+#pragma unroll
+                for (int n = 0; n < NS; ++n) {
+                    s[mt][n][2 * r] = exp2_approx(fmaf(s[mt][n][2 * r], c, nb));
+                    s[mt][n][2 * r + 1] = exp2_approx(fmaf(s[mt][n][2 * r + 1], c, nb));
+                    sum += s[mt][n][2 * r] + s[mt][n][2 * r + 1];
+                }
+                row_sum[mt][r] = row_sum[mt][r] * alpha[mt][r] + sum;
+            }
+        if (__any_sync(0xffffffffu, changed)) {  // once the maxima settle, most tiles skip the rescale
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int d = 0; d < NO; ++d) {
+                    acc[mt][d][0] *= alpha[mt][0];
+                    acc[mt][d][1] *= alpha[mt][0];
+                    acc[mt][d][2] *= alpha[mt][1];
+                    acc[mt][d][3] *= alpha[mt][1];
+                }
+        }
+        // O += P V: the S accumulators of key groups 2kt, 2kt+1 are the A-fragment of key step kt (packed first:
+        // half the registers of S).
+        unsigned p[MT][BN / 16][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int kt = 0; kt < BN / 16; ++kt) {
+                p[mt][kt][0] = Pack<T>::two(s[mt][2 * kt][0], s[mt][2 * kt][1]);
+                p[mt][kt][1] = Pack<T>::two(s[mt][2 * kt][2], s[mt][2 * kt][3]);
+                p[mt][kt][2] = Pack<T>::two(s[mt][2 * kt + 1][0], s[mt][2 * kt + 1][1]);
+                p[mt][kt][3] = Pack<T>::two(s[mt][2 * kt + 1][2], s[mt][2 * kt + 1][3]);
+            }
+#pragma unroll
+        for (int kt = 0; kt < BN / 16; ++kt)
+#pragma unroll
+            for (int d = 0; d < NO; d += 2) {
+                unsigned bv[4];
+                ldsm_x4_t(bv, vb + kt * 16 * RB + d * 8 * sizeof(T));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma<T>(acc[mt][d], p[mt][kt], bv[0], bv[1]);
+                    mma<T>(acc[mt][d + 1], p[mt][kt], bv[2], bv[3]);
+                }
+            }
+    };
 
     if (t_begin < t_end) {
         // Q rows (per-row addresses: packed rows span heads), then the first K/V tile.
-        constexpr int CH = D / 8;
         for (int c = tid; c < BM * CH; c += NTHREADS) {
             const int r = c / CH, ch = c % CH, row = m0 + r;
             const bool ok = row < rows_total;
-            const int h = pack ? hk * G + row / Sq : blockIdx.y, i = pack ? row % Sq : row;
+            const int h = pack ? hk * G + row / Sq : hx, i = pack ? row % Sq : row;
             const T *src = ok ? q + b * q_sb + h * q_sh + i * q_ss + ch * 8 : q;
             cp_async16(sQ + r * SROW + ch * 8, src, ok);
         }
-        cp_async_commit();
-        {
-            const int key0 = t_begin * BN;
-            load_rows<T, BN, D, SROW, NTHREADS>(sK, kg + key0 * k_ss, k_ss, Sk - key0);
-            load_rows<T, BN, D, SROW, NTHREADS>(sV, vg + key0 * v_ss, v_ss, Sk - key0);
+#pragma unroll
+        for (int st = 0; st < STAGES - 1; ++st) {  // one commit group per tile, empty past the end
+            if (t_begin + st < t_end) load_kv(t_begin + st, st);
             cp_async_commit();
         }
-
-        unsigned qf[Q_IN_REGS ? MT : 1][Q_IN_REGS ? KSTEPS : 1][4];
+        // One barrier per tile: after it, tile t is visible to all and every warp is done with tile t - 1, whose
+        // stage the prefetch of tile t + STAGES - 1 then overwrites while tile t is computed.
+        int stage = 0;
         for (int t = t_begin; t < t_end; ++t) {
-            const int stage = (t - t_begin) & 1;
-            if (t + 1 < t_end) {  // prefetch the next tile into the other stage (freed by the last barrier)
-                const int key0 = (t + 1) * BN;
-                load_rows<T, BN, D, SROW, NTHREADS>(sK + (stage ^ 1) * BN * SROW, kg + key0 * k_ss, k_ss, Sk - key0);
-                load_rows<T, BN, D, SROW, NTHREADS>(sV + (stage ^ 1) * BN * SROW, vg + key0 * v_ss, v_ss, Sk - key0);
-                cp_async_commit();
-                cp_async_wait<1>();
-            } else {
-                cp_async_wait<0>();
-            }
+            cp_async_wait<STAGES - 2>();
             __syncthreads();
-            const T *tK = sK + stage * BN * SROW, *tV = sV + stage * BN * SROW;
-            if (Q_IN_REGS && t == t_begin) {
-#pragma unroll
-                for (int mt = 0; mt < (Q_IN_REGS ? MT : 1); ++mt)
-#pragma unroll
-                    for (int s = 0; s < (Q_IN_REGS ? KSTEPS : 1); ++s)
-                        load_a<SROW>(qf[mt][s], sQ, w0 + mt * 16, s * 16, lane);
+            {
+                const int next_stage = stage == 0 ? STAGES - 1 : stage - 1;
+                if (t + STAGES - 1 < t_end) load_kv(t + STAGES - 1, next_stage);
+                cp_async_commit();
             }
-            if (warp_has_rows) {
-                // S = Q K^T for this warp's rows and the tile's BN keys; each K fragment serves MT row tiles.
-                float s[MT][NS][4];
+            if constexpr (Q_IN_REGS) {
+                if (t == t_begin) {
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
+                    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                    for (int n = 0; n < NS; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
-#pragma unroll
-                for (int kk = 0; kk < KSTEPS; kk += 2) {
-                    unsigned a0[MT][4], a1[MT][4];
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        if (Q_IN_REGS) {
-#pragma unroll
-                            for (int x = 0; x < 4; ++x) {
-                                a0[mt][x] = qf[Q_IN_REGS ? mt : 0][Q_IN_REGS ? kk : 0][x];
-                                a1[mt][x] = qf[Q_IN_REGS ? mt : 0][Q_IN_REGS ? kk + 1 : 0][x];
-                            }
-                        } else {
-                            load_a<SROW>(a0[mt], sQ, w0 + mt * 16, kk * 16, lane);
-                            load_a<SROW>(a1[mt], sQ, w0 + mt * 16, kk * 16 + 16, lane);
-                        }
-                    }
-#pragma unroll
-                    for (int n = 0; n < NS; ++n) {
-                        unsigned b0, b1, b2, b3;
-                        load_b_rows<SROW>(b0, b1, b2, b3, tK, n * 8, kk * 16, lane);
-#pragma unroll
-                        for (int mt = 0; mt < MT; ++mt) {
-                            mma<T>(s[mt][n], a0[mt], b0, b1);
-                            mma<T>(s[mt][n], a1[mt], b2, b3);
-                        }
-                    }
-                }
-                // Scale (log2 units) and mask.
-                const int key0 = t * BN;
-                const bool need_mask = EXTRA || key0 + BN > Sk ||
-                                       (causal && key0 + BN - 1 > first_i + Sk - Sq);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int n = 0; n < NS; ++n)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            float x = s[mt][n][e] * scale_log2;
-                            if (need_mask)
-                                x = masked_score<EXTRA>(x, ma, ri[mt][e >> 1],
-                                                        key0 + n * 8 + 2 * (lane % 4) + (e & 1), Sk);
-                            s[mt][n][e] = x;
-                        }
-                // Online softmax: new running max per row (the 4 lanes of a quad share a row).
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        float mx = row_max[mt][r];
-#pragma unroll
-                        for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * r], s[mt][n][2 * r + 1]));
-                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                        const float base = mx == neg_inf() ? 0.0f : mx;  // a row that has seen nothing yet
-                        const float alpha = exp2_approx(row_max[mt][r] - base);
-                        row_max[mt][r] = mx;
-                        float sum = 0.0f;
-#pragma unroll
-                        for (int n = 0; n < NS; ++n) {
-                            s[mt][n][2 * r] = exp2_approx(s[mt][n][2 * r] - base);
-                            s[mt][n][2 * r + 1] = exp2_approx(s[mt][n][2 * r + 1] - base);
-                            sum += s[mt][n][2 * r] + s[mt][n][2 * r + 1];
-                        }
-                        row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
-#pragma unroll
-                        for (int d = 0; d < NO; ++d) { acc[mt][d][2 * r] *= alpha; acc[mt][d][2 * r + 1] *= alpha; }
-                    }
-                // O += P V: the S accumulators of key groups 2kt, 2kt+1 are the A-fragment of key step kt.
-#pragma unroll
-                for (int kt = 0; kt < BN / 16; ++kt) {
-                    unsigned a[MT][4];
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        a[mt][0] = Pack<T>::two(s[mt][2 * kt][0], s[mt][2 * kt][1]);
-                        a[mt][1] = Pack<T>::two(s[mt][2 * kt][2], s[mt][2 * kt][3]);
-                        a[mt][2] = Pack<T>::two(s[mt][2 * kt + 1][0], s[mt][2 * kt + 1][1]);
-                        a[mt][3] = Pack<T>::two(s[mt][2 * kt + 1][2], s[mt][2 * kt + 1][3]);
-                    }
-#pragma unroll
-                    for (int d = 0; d < NO; d += 2) {
-                        unsigned b0, b1, b2, b3;
-                        load_b_cols<SROW>(b0, b1, b2, b3, tV, kt * 16, d * 8, lane);
-#pragma unroll
-                        for (int mt = 0; mt < MT; ++mt) {
-                            mma<T>(acc[mt][d], a[mt], b0, b1);
-                            mma<T>(acc[mt][d + 1], a[mt], b2, b3);
-                        }
-                    }
+                        for (int s = 0; s < KSTEPS; ++s)
+                            ldsm_x4(qf[mt][s], q_ld + mt * 16 * RB + s * 16 * sizeof(T));
                 }
             }
-            __syncthreads();  // every warp is done with this stage before it is refilled
+            if (t * BN <= warp_lim) {  // else no row of this warp sees any key of the tile (or the warp has none)
+                if (t < t_plain) tile(Flag<false>(), t, stage);
+                else tile(Flag<true>(), t, stage);
+            }
+            stage = stage == STAGES - 1 ? 0 : stage + 1;
         }
     }
 
@@ -431,7 +501,7 @@ attn_fwd(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__
                 const int row = m0 + w0 + mt * 16 + lane / 4 + 8 * r;
                 if (row >= rows_total) continue;
                 const long long base =
-                    ((static_cast<long long>(split) * B + b) * Hq + row_h[mt][r]) * Sq + row_i[mt][r];
+                    ((static_cast<long long>(split) * B + b) * Hq + row_head(row)) * Sq + row_index(row);
 #pragma unroll
                 for (int d = 0; d < NO; ++d) {
                     float2 val = make_float2(acc[mt][d][2 * r] * inv[mt][r], acc[mt][d][2 * r + 1] * inv[mt][r]);
@@ -439,9 +509,70 @@ attn_fwd(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__
                 }
                 if (lane % 4 == 0) lse_part[base] = row_lse[mt][r];
             }
+        // The split of this row block that finishes last merges all of them (no second launch): partials made
+        // visible device-wide, then a ticket per row block; the counter goes back to 0 for the next launch.
+        __shared__ int last_split;
+        __threadfence();
+        __syncthreads();
+        int *ticket = counters + blockIdx.y * gridDim.x + blockIdx.x;
+        if (tid == 0) last_split = atomicAdd(ticket, 1) == n_splits - 1;
+        __syncthreads();
+        if (!last_split) return;
+        __threadfence();
+        const long long rows = static_cast<long long>(B) * Hq * Sq;
+        constexpr int V4 = D / 4, PER = (V4 + 31) / 32;  // float4 columns of a row, and per lane
+        for (int rr = warp; rr < BM; rr += NWARPS) {  // a warp per row, splits in order: deterministic
+            const int row = m0 + rr;
+            if (row >= rows_total) break;
+            const long long at = (static_cast<long long>(b) * Hq + row_head(row)) * Sq + row_index(row);
+            float mx = neg_inf();
+            for (int sp = lane; sp < n_splits; sp += 32) mx = fmaxf(mx, __ldcg(lse_part + sp * rows + at));
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+            float4 out[PER];
+#pragma unroll
+            for (int p = 0; p < PER; ++p) out[p] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            float total = 0.0f;
+            if (mx != neg_inf()) {
+                // 32 splits at a time: lane i holds split i's weight (0 when it saw nothing), broadcast by shuffle;
+                // each split's partial row is one 16-byte load per lane, many in flight.
+                for (int base = 0; base < n_splits; base += 32) {
+                    const int count = min(32, n_splits - base);
+                    const float my_w =
+                        lane < count ? exp2_approx((__ldcg(lse_part + (base + lane) * rows + at) - mx) * LOG2E) : 0.0f;
+                    total += my_w;
+#pragma unroll 8
+                    for (int i = 0; i < count; ++i) {
+                        const float w = __shfl_sync(0xffffffffu, my_w, i);
+                        const float4 *src = reinterpret_cast<const float4 *>(o_part + ((base + i) * rows + at) * D);
+#pragma unroll
+                        for (int p = 0; p < PER; ++p) {
+                            if (V4 % 32 != 0 && lane + 32 * p >= V4) break;
+                            const float4 x = __ldcg(src + lane + 32 * p);
+                            out[p].x += w * x.x, out[p].y += w * x.y, out[p].z += w * x.z, out[p].w += w * x.w;
+                        }
+                    }
+                }
+#pragma unroll
+                for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
+            }
+            const float scale_out = total > 0.0f ? 1.0f / total : 0.0f;
+#pragma unroll
+            for (int p = 0; p < PER; ++p) {
+                if (V4 % 32 != 0 && lane + 32 * p >= V4) break;
+                const uint2 packed = make_uint2(Pack<T>::two(out[p].x * scale_out, out[p].y * scale_out),
+                                                Pack<T>::two(out[p].z * scale_out, out[p].w * scale_out));
+                *reinterpret_cast<uint2 *>(o + at * D + 4 * (lane + 32 * p)) = packed;
+            }
+            if (lane == 0) lse[at] = total > 0.0f ? mx + __logf(total) : pos_inf();
+        }
+        if (tid == 0) *ticket = 0;
         return;
     }
-    // Stage this warp's rows of O in its own rows of sQ (no other warp reads them), then 16-byte stores.
+    // Stage this warp's rows of O in its own rows of sQ (no other warp reads them), then 16-byte stores. (The
+    // __syncwarp orders the lanes' last ldmatrix reads of those rows before the writes: with one tile there is no
+    // barrier in between.)
+    __syncwarp();
     T *sO = sQ + w0 * SROW;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -455,11 +586,10 @@ attn_fwd(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__
                 *reinterpret_cast<unsigned *>(dst) = packed;
             }
     __syncwarp();
-    constexpr int CH = D / 8;
     for (int c = lane; c < WR * CH; c += 32) {
         const int rr = c / CH, ch = c % CH, row = m0 + w0 + rr;
         if (row >= rows_total) continue;
-        const int h = pack ? hk * G + row / Sq : blockIdx.y, i = pack ? row % Sq : row;
+        const int h = row_head(row), i = row_index(row);
         const long long off = ((static_cast<long long>(b) * Hq + h) * Sq + i) * D + ch * 8;
         *reinterpret_cast<uint4 *>(o + off) = *reinterpret_cast<const uint4 *>(sO + rr * SROW + ch * 8);
     }
@@ -470,43 +600,9 @@ attn_fwd(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__
             for (int r = 0; r < 2; ++r) {
                 const int row = m0 + w0 + mt * 16 + lane / 4 + 8 * r;
                 if (row < rows_total)
-                    lse[(static_cast<long long>(b) * Hq + row_h[mt][r]) * Sq + row_i[mt][r]] = row_lse[mt][r];
+                    lse[(static_cast<long long>(b) * Hq + row_head(row)) * Sq + row_index(row)] = row_lse[mt][r];
             }
     }
-}
-
-// Merge split-KV partials: O = sum_s w_s O_s / sum_s w_s with w_s = exp(lse_s - max lse); LSE = log-sum-exp.
-// One warp per output row (rows = B * Hq * Sq); partials are [n_splits, rows, D] and [n_splits, rows]. The lanes
-// take the splits' maximum together; the weighted sum is unrolled so that several splits' loads are in flight.
-template <typename T, int D>
-__global__ void attn_combine(const float *__restrict__ o_part, const float *__restrict__ lse_part,
-                             T *__restrict__ o, float *__restrict__ lse, long long rows, int n_splits) {
-    constexpr int PER_LANE = D / 32;
-    const long long row = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-    const int lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    float mx = neg_inf();
-    for (int s = lane; s < n_splits; s += 32) mx = fmaxf(mx, lse_part[s * rows + row]);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    float out[PER_LANE];
-#pragma unroll
-    for (int x = 0; x < PER_LANE; ++x) out[x] = 0.0f;
-    float total = 0.0f;
-    if (mx != neg_inf()) {
-#pragma unroll 4
-        for (int s = 0; s < n_splits; ++s) {
-            const float w = __expf(lse_part[s * rows + row] - mx);  // 0 for a split that saw nothing
-            total += w;
-            const float *src = o_part + (s * rows + row) * D;
-#pragma unroll
-            for (int x = 0; x < PER_LANE; ++x) out[x] += w * src[lane + 32 * x];
-        }
-    }
-    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-#pragma unroll
-    for (int x = 0; x < PER_LANE; ++x) o[row * D + lane + 32 * x] = T(out[x] * inv);
-    if (lane == 0) lse[row] = total > 0.0f ? mx + __logf(total) : pos_inf();
 }
 
 #endif  // TESSERA_ATTENTION_CU

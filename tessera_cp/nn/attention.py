@@ -35,14 +35,20 @@ __all__ = ["attention", "flash_attention", "grouped_query_attention", "multi_que
 
 _KERNEL_TYPES = {numpy.dtype(numpy.float16): "__half", dtypes.bf16.storage: "__nv_bfloat16"}
 # Tile shapes per head dim, as the kernels' template arguments: forward (warps, 16-row tiles per warp MT, keys per
-# tile BN, blocks per SM the registers are sized for; a block owns 16 * MT * warps query rows), the same for decode
-# (packed query groups, split keys), dQ (warps, BN), dK/dV (warps: a block owns 16 * warps keys, queries per tile
-# BMQ). The instantiations attention.cu / attention_bwd.cu list must include the 64 and 128 ones; the sweep in
-# bench/bench_attention.py (TESSERA_ATTN_SWEEP=1) compares alternatives.
-_FWD_TILES = {32: (4, 1, 64, 2), 64: (4, 1, 64, 4), 96: (8, 1, 64, 1), 128: (8, 1, 32, 2), 256: (8, 1, 32, 1)}
-_DECODE_TILES = {32: (4, 1, 64, 2), 64: (4, 1, 64, 2), 96: (4, 1, 64, 2), 128: (4, 1, 64, 2), 256: (8, 1, 32, 1)}
-_DQ_TILES = {32: (4, 64), 64: (4, 64), 96: (8, 32), 128: (4, 32)}
-_DKDV_TILES = {32: (8, 64), 64: (4, 64), 96: (8, 32), 128: (4, 32)}
+# tile BN, blocks per SM the registers are sized for, K/V pipeline stages; a block owns 16 * MT * warps query rows),
+# the same for decode (packed query groups, split keys) and for masked/ALiBi attention, dQ (warps, MT, BN), dK/dV
+# (warps: a block owns 16 * warps keys, queries per tile BMQ). The instantiations attention.cu / attention_bwd.cu
+# list must include the 64 and 128 ones; the sweep in bench/bench_attention.py (TESSERA_ATTN_SWEEP=1) compares
+# alternatives.
+_FWD_TILES = {32: (4, 1, 64, 2, 2), 64: (4, 2, 64, 2, 2), 96: (8, 1, 64, 1, 2), 128: (4, 2, 32, 2, 2),
+              256: (8, 1, 32, 1, 2)}
+_DECODE_TILES = {32: (4, 1, 64, 2, 2), 64: (4, 1, 64, 2, 2), 96: (4, 1, 64, 2, 2), 128: (4, 1, 64, 2, 2),
+                 256: (8, 1, 32, 1, 2)}
+# With a mask or ALiBi (the kernel's EXTRA code): MT = 2 would spill there.
+_MASKED_TILES = {32: (4, 1, 64, 2, 2), 64: (4, 1, 64, 2, 2), 96: (4, 1, 64, 2, 2), 128: (4, 1, 64, 2, 2),
+                 256: (8, 1, 32, 1, 2)}
+_DQ_TILES = {32: (4, 1, 64), 64: (4, 2, 32), 96: (8, 1, 32), 128: (4, 2, 32)}
+_DKDV_TILES = {32: (8, 32), 64: (4, 64), 96: (8, 32), 128: (4, 32)}
 _TARGET_BLOCKS_PER_SM = 2  # split-KV aims at this many blocks per multiprocessor when a launch is too small
 
 
@@ -195,29 +201,38 @@ def _rows_ready(x):
     """x itself when its rows suit the kernels (unit stride along D, other strides multiples of 16 bytes,
     16-byte aligned), else a contiguous copy. Returns (array, element strides of dims 0..2)."""
     item = x.dtype.itemsize
-    strides = x.strides
-    if (strides[-1] != item or any(s < 0 or s % 16 for s in strides[:3]) or x.data.ptr % 16):
+    s0, s1, s2, s3 = x.strides
+    if s3 != item or min(s0, s1, s2) < 0 or (s0 | s1 | s2 | x.data.ptr) & 15:
         xp = backend.array_module(x)
         x = xp.ascontiguousarray(x)
-        strides = x.strides
-    return x, tuple(numpy.int64(s // item) for s in strides[:3])
+        s0, s1, s2, _ = x.strides
+    i64 = numpy.int64
+    return x, (i64(s0 // item), i64(s1 // item), i64(s2 // item))
 
 
-_per_device = {}  # device id -> (multiprocessor count, an f32 and a uint8 placeholder for absent kernel arguments)
+_per_device = {}  # device id -> (multiprocessor count, f32 and uint8 placeholders for absent kernel arguments,
+#                   the arguments of no mask, an int32 placeholder)
 
 
 def _device_info(xp):
     dev = xp.cuda.runtime.getDevice()
-    if dev not in _per_device:
+    info = _per_device.get(dev)
+    if info is None:
         sms = xp.cuda.runtime.deviceGetAttribute(16, dev)  # cudaDevAttrMultiProcessorCount
         with xp.cuda.Device(dev):
-            _per_device[dev] = (sms, xp.zeros(1, dtype=xp.float32), xp.zeros(1, dtype=xp.uint8))
-    return _per_device[dev]
+            dummy_f, dummy_b = xp.zeros(1, dtype=xp.float32), xp.zeros(1, dtype=xp.uint8)
+            dummy_i = xp.zeros(1, dtype=xp.int32)
+        i64, i32 = numpy.int64, numpy.int32
+        no_mask = ((dummy_f, dummy_b, dummy_f), (i64(0),) * 4, (i32(0),), 0, 0)  # _mask_args(None, None)
+        info = _per_device[dev] = (sms, dummy_f, dummy_b, no_mask, dummy_i)
+    return info
 
 
 def _mask_args(mask, slopes, xp):
     """Kernel arguments for the mask and ALiBi: (mask_f, mask_b, slopes, 4 mask strides, slopes_sb, kind, alibi)."""
-    _, dummy_f, dummy_b = _device_info(xp)
+    _, dummy_f, dummy_b, no_mask, _ = _device_info(xp)
+    if mask is None and slopes is None:
+        return no_mask
     kind, mask_f, mask_b, strides = 0, dummy_f, dummy_b, (0, 0, 0, 0)
     if mask is not None:
         m = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
@@ -250,13 +265,99 @@ def _kernel(source, name):
     return kernel
 
 
+_launched = {}  # kernel -> (the dynamic shared memory its first launch opted in to, its CuPy Function)
+
+
+def _launch(kernel, grid, block, args, shared_mem=0):
+    """runtime.launch without what it repeats on every call (argument checks, the shared-memory opt-in, a driver
+    call, CuPy's RawKernel wrapper): a kernel's first launch, and every launch under TESSERA_SYNC, go through
+    runtime.launch. Decode is bound by this host time (tens of microseconds against a kernel of about fifty).
+    A kernel object serves one device (see _kernel), so its Function is fixed. grid and block are tuples."""
+    seen = _launched.get(kernel)
+    if seen is None or seen[0] != shared_mem or os.environ.get("TESSERA_SYNC"):
+        from ..cuda import runtime
+        runtime.launch(kernel, grid, block, args, shared_mem=shared_mem)
+        _launched[kernel] = (shared_mem, getattr(kernel, "kernel", kernel))
+    else:
+        seen[1](grid, block, args, shared_mem=shared_mem)
+
+
 def _alloc(xp, shape, dtype):
-    """Kernel outputs (tests replace this with a NaN-filled allocation to catch elements no kernel wrote)."""
-    return xp.empty(shape, dtype=dtype)
+    """Kernel outputs (tests replace this with a NaN-filled allocation to catch elements no kernel wrote); the
+    ndarray constructor itself, a little less host time than empty()."""
+    return xp.ndarray(shape, dtype=dtype)
+
+
+_scratch = {}  # (device, stream) -> (f32 partial outputs, f32 partial LSEs, int32 merge tickets, all zero)
+
+
+def _partials(xp, n_out, n_lse, n_tickets):
+    """Buffers for split-KV partials (at least n_out and n_lse floats) and n_tickets zeroed merge counters, kept
+    per device and stream: work queued on one stream runs in order, so a launch cannot overwrite partials an
+    earlier one still merges, and each launch leaves the counters at zero for the next."""
+    key = (xp.cuda.runtime.getDevice(), xp.cuda.get_current_stream().ptr)
+    bufs = _scratch.get(key)
+    if bufs is None or bufs[0].size < n_out or bufs[1].size < n_lse or bufs[2].size < n_tickets:
+        old = (0, 0, 0) if bufs is None else tuple(b.size for b in bufs)
+        bufs = _scratch[key] = (xp.empty(max(n_out, old[0]), dtype=xp.float32),
+                                xp.empty(max(n_lse, old[1]), dtype=xp.float32),
+                                xp.zeros(max(n_tickets, old[2]), dtype=xp.int32))
+    return bufs
+
+
+def _scalar_args(values):
+    """Kernel scalars as CuPy's own argument objects (cupy.cuda.function.CInt32 / CInt64 hold the bits), built
+    once per plan: CuPy then skips converting each NumPy scalar at every launch (about half a microsecond each,
+    thirty a launch). Arrays and anything else pass through; without those classes, the scalars themselves."""
+    try:
+        from cupy.cuda.function import CInt32, CInt64
+        out = []
+        for x in values:
+            if isinstance(x, numpy.generic) and x.dtype.itemsize == 4:
+                out.append(CInt32(int(x.view(numpy.int32))))
+            elif isinstance(x, numpy.generic) and x.dtype.itemsize == 8:
+                out.append(CInt64(int(x.view(numpy.int64))))
+            else:
+                out.append(x)
+        return tuple(out)
+    except Exception:  # noqa: BLE001 - pragma: no cover - another CuPy: its own conversion at each launch
+        return tuple(values)
+
+
+_plans = {}  # unmasked forward: (shapes, strides, dtype, scale, causal, device, stream) -> _forward_plan(...)
 
 
 def _forward_kernel(q, k, v, mask, slopes, scale, causal):
-    from ..cuda import runtime
+    """(out, lse) from the CUDA kernels. Without mask or ALiBi the launch is planned once per shape, strides,
+    scale, device and stream (decode is bound by this host time), then only outputs are allocated."""
+    xp = backend.array_module(q)
+    if mask is not None or slopes is not None or (q.data.ptr | k.data.ptr | v.data.ptr) & 15:
+        return _run_forward(_forward_plan(q, k, v, mask, slopes, scale, causal), q, k, v, xp)
+    key = (q.shape, k.shape, v.shape, q.strides, k.strides, v.strides, q.dtype, scale, causal,
+           xp.cuda.runtime.getDevice(), xp.cuda.get_current_stream().ptr)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _forward_plan(q, k, v, None, None, scale, causal)
+        if plan[-1]:  # inputs that needed no copy
+            if len(_plans) > 1024:
+                _plans.clear()
+            _plans[key] = plan
+    return _run_forward(plan, q, k, v, xp)
+
+
+def _run_forward(plan, q, k, v, xp):
+    kernel, grid, block, smem, tail, o_shape, lse_shape, inputs, _ = plan
+    if inputs is not None:  # the plan's own (contiguous) copies
+        q, k, v = inputs
+    o = _alloc(xp, o_shape, q.dtype)
+    lse = _alloc(xp, lse_shape, xp.float32)
+    _launch(kernel, grid, block, (q, k, v, o, lse) + tail, shared_mem=smem)
+    return o, lse
+
+
+def _forward_plan(q, k, v, mask, slopes, scale, causal):
+    """Everything a forward launch needs but the outputs: (kernel, grid, block, shared memory, arguments after
+    q, k, v, o, lse, output shapes, contiguous copies of q, k, v or None, whether the plan may be kept)."""
     xp = backend.array_module(q)
     i32, f32 = numpy.int32, numpy.float32
     B, Hq, Sq, D = q.shape
@@ -264,84 +365,104 @@ def _forward_kernel(q, k, v, mask, slopes, scale, causal):
     G = Hq // Hkv
     ctype = _KERNEL_TYPES[q.dtype]
     # Short queries of a KV group (decode) share one tile when that reads each K/V byte fewer times.
-    w, m = _DECODE_TILES[D][:2]
-    pack = G > 1 and -(-G * Sq // (16 * w * m)) < G * -(-Sq // (16 * _FWD_TILES[D][0] * _FWD_TILES[D][1]))
-    warps, mt, bn, minb = (_DECODE_TILES if pack else _FWD_TILES)[D]
-    bm = 16 * mt * warps
-    q, q_st = _rows_ready(q)
-    k, k_st = _rows_ready(k)
-    v, v_st = _rows_ready(v)
+    fwd, dec = _FWD_TILES[D], _DECODE_TILES[D]
+    pack = G > 1 and -(-G * Sq // (16 * dec[0] * dec[1])) < G * -(-Sq // (16 * fwd[0] * fwd[1]))
     pointers, m_st, slope_sb, kind, alibi = _mask_args(mask, slopes, xp)
     extra = "true" if (kind or alibi) else "false"
+    warps, mt, bn, minb, stages = dec if pack else (_MASKED_TILES[D] if kind or alibi else fwd)
+    bm = 16 * mt * warps
+    q2, q_st = _rows_ready(q)
+    k2, k_st = _rows_ready(k)
+    v2, v_st = _rows_ready(v)
+    copied = q2 is not q or k2 is not k or v2 is not v
     rows = G * Sq if pack else Sq
     m_blocks, heads = -(-rows // bm), (Hkv if pack else Hq)
     tiles = -(-Sk // bn)
     n_splits, per_split = 1, tiles
     blocks = m_blocks * heads * B
-    target = max(_TARGET_BLOCKS_PER_SM, minb) * _device_info(xp)[0]
+    sms, dummy_f = _device_info(xp)[:2]
+    target = max(_TARGET_BLOCKS_PER_SM, minb) * sms
     if blocks < target and tiles > 1:   # too few blocks to fill the GPU: split the keys (flash-decoding)
-        per_split = max(1, -(-tiles // min(tiles, -(-target // blocks), 65535 // B)))
+        per_split = max(1, -(-tiles // min(tiles, -(-target // blocks), 65535)))
         n_splits = -(-tiles // per_split)
-    o = _alloc(xp, (B, Hq, Sq, D), q.dtype)
-    lse = _alloc(xp, (B, Hq, Sq), xp.float32)
-    if n_splits > 1:
-        o_part = _alloc(xp, (n_splits, B, Hq, Sq, D), xp.float32)
-        lse_part = _alloc(xp, (n_splits, B, Hq, Sq), xp.float32)
+    if n_splits > 1:  # partials, and a merge ticket per row block (the last split to finish merges)
+        o_part, lse_part, tickets = _partials(xp, n_splits * B * Hq * Sq * D, n_splits * B * Hq * Sq,
+                                              heads * B * m_blocks)
     else:
-        o_part = lse_part = _device_info(xp)[1]
-    kernel = _kernel("attention.cu", f"attn_fwd<{ctype}, {D}, {warps}, {mt}, {bn}, {minb}, {extra}>")
-    smem = (bm + 4 * bn) * (D + 8) * q.dtype.itemsize
-    args = (q, k, v, o, lse, o_part, lse_part, *pointers, i32(Hq), i32(Hkv), i32(Sq), i32(Sk), *q_st, *k_st,
-            *v_st, *m_st, *slope_sb, f32(scale), i32(bool(causal)), i32(kind), i32(alibi), i32(pack),
-            i32(n_splits), i32(per_split))
-    runtime.launch(kernel, (m_blocks, heads, B * n_splits), (32 * warps,), args, shared_mem=smem)
-    if n_splits > 1:
-        combine = _kernel("attention.cu", f"attn_combine<{ctype}, {D}>")
-        n_rows = B * Hq * Sq
-        runtime.launch(combine, (-(-n_rows // 8),), (256,), (o_part, lse_part, o, lse, numpy.int64(n_rows),
-                                                              i32(n_splits)))
-    return o, lse
+        o_part = lse_part = dummy_f
+        tickets = _device_info(xp)[4]
+    kernel = _kernel("attention.cu", f"attn_fwd<{ctype}, {D}, {warps}, {mt}, {bn}, {minb}, {stages}, {extra}>")
+    smem = (bm + 2 * stages * bn) * (D + 8) * q.dtype.itemsize
+    tail = (o_part, lse_part, tickets, *pointers) + _scalar_args(
+        (i32(Hq), i32(Hkv), i32(Sq), i32(Sk), *q_st, *k_st, *v_st, *m_st, *slope_sb, f32(scale), i32(bool(causal)),
+         i32(kind), i32(alibi), i32(pack), i32(n_splits), i32(per_split)))
+    # grid: (heads and batch, row blocks, key splits); the kernel walks row blocks longest-first.
+    return (kernel, (heads * B, m_blocks, n_splits), (32 * warps,), smem, tail, (B, Hq, Sq, D), (B, Hq, Sq),
+            (q2, k2, v2) if copied else None, not copied)
+
+
+_bwd_plans = {}  # unmasked backward: (shapes, strides, dtype, scale, causal, device) -> _backward_plan(...)
 
 
 def _backward_kernel(grad, q, k, v, out, lse, mask, slopes, scale, causal):
-    from ..cuda import runtime
+    xp = backend.array_module(q)
+    dout = xp.ascontiguousarray(grad.astype(q.dtype, copy=False))
+    out = xp.ascontiguousarray(out)
+    lse = xp.ascontiguousarray(lse.astype(xp.float32, copy=False))
+    q, q_st = _rows_ready(q)
+    k, k_st = _rows_ready(k)
+    v, v_st = _rows_ready(v)
+    if mask is None and slopes is None:
+        key = (q.shape, k.shape, q.strides, k.strides, v.strides, q.dtype, scale, causal,
+               xp.cuda.runtime.getDevice())
+        plan = _bwd_plans.get(key)
+        if plan is None:
+            if len(_bwd_plans) > 1024:
+                _bwd_plans.clear()
+            plan = _bwd_plans[key] = _backward_plan(q, k, q_st, k_st, v_st, None, None, scale, causal)
+    else:
+        plan = _backward_plan(q, k, q_st, k_st, v_st, mask, slopes, scale, causal)
+    (dot, dot_grid, dot_tail), (dq_kernel, dq_grid, dq_block, dq_smem), (kv_kernel, kv_grid, kv_block, kv_smem), \
+        tail, n_rows = plan
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    # Per row: (LSE * log2 e, Dr = rowsum(dO * O)), one float2.
+    stats = _alloc(xp, (n_rows, 2), xp.float32)
+    _launch(dot, dot_grid, (256,), (dout, out, lse, stats) + dot_tail)
+    dq = _alloc(xp, (B, Hq, Sq, D), q.dtype)
+    _launch(dq_kernel, dq_grid, dq_block, (q, k, v, dout, stats, dq) + tail, shared_mem=dq_smem)
+    dk = _alloc(xp, (B, Hkv, Sk, D), q.dtype)
+    dv = _alloc(xp, (B, Hkv, Sk, D), q.dtype)
+    _launch(kv_kernel, kv_grid, kv_block, (q, k, v, dout, stats, dk, dv) + tail, shared_mem=kv_smem)
+    return dq, dk, dv
+
+
+def _backward_plan(q, k, q_st, k_st, v_st, mask, slopes, scale, causal):
+    """The three backward launches but their arrays: ((dot kernel, grid, arguments after the arrays), (dq kernel,
+    grid, block, shared memory), (dK/dV kernel, grid, block, shared memory), the shared trailing arguments, rows)."""
     xp = backend.array_module(q)
     i32, f32 = numpy.int32, numpy.float32
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     ctype = _KERNEL_TYPES[q.dtype]
     item = q.dtype.itemsize
-    dout = xp.ascontiguousarray(grad.astype(q.dtype, copy=False))
-    out = xp.ascontiguousarray(out)
-    q, q_st = _rows_ready(q)
-    k, k_st = _rows_ready(k)
-    v, v_st = _rows_ready(v)
     pointers, m_st, slope_sb, kind, alibi = _mask_args(mask, slopes, xp)
     extra = "true" if (kind or alibi) else "false"
-    tail = (*pointers, i32(Hq), i32(Hkv), i32(Sq), i32(Sk), *q_st, *k_st, *v_st, *m_st, *slope_sb, f32(scale),
-            i32(bool(causal)), i32(kind), i32(alibi))
-
+    tail = pointers + _scalar_args((i32(Hq), i32(Hkv), i32(Sq), i32(Sk), *q_st, *k_st, *v_st, *m_st, *slope_sb,
+                                    f32(scale), i32(bool(causal)), i32(kind), i32(alibi)))
     n_rows = B * Hq * Sq
-    dr = _alloc(xp, (n_rows,), xp.float32)
-    runtime.launch(_kernel("attention_bwd.cu", f"attn_bwd_dot<{ctype}, {D}>"), (-(-n_rows // 8),),
-                   (256,), (dout, out, dr, numpy.int64(n_rows)))
-    lse = xp.ascontiguousarray(lse.astype(xp.float32, copy=False))
-
-    dq = _alloc(xp, (B, Hq, Sq, D), q.dtype)
-    warps, bn = _DQ_TILES[D]
-    bm = 16 * warps
-    kernel = _kernel("attention_bwd.cu", f"attn_bwd_dq<{ctype}, {D}, {warps}, {bn}, {extra}>")
-    runtime.launch(kernel, (-(-Sq // bm), Hq, B), (32 * warps,), (q, k, v, dout, lse, dr, dq, *tail),
-                   shared_mem=(2 * bm + 4 * bn) * (D + 8) * item)
-
-    dk = _alloc(xp, (B, Hkv, Sk, D), q.dtype)
-    dv = _alloc(xp, (B, Hkv, Sk, D), q.dtype)
+    rows_per_block = 8 * (32 // (D // 8))  # D / 8 lanes a row, 256 threads a block
+    dot = (_kernel("attention_bwd.cu", f"attn_bwd_dot<{ctype}, {D}>"), (-(-n_rows // rows_per_block),),
+           _scalar_args((numpy.int64(n_rows),)))
+    warps, mt, bn = _DQ_TILES[D]
+    bm = 16 * mt * warps
+    dq = (_kernel("attention_bwd.cu", f"attn_bwd_dq<{ctype}, {D}, {warps}, {mt}, {bn}, {extra}>"),
+          (Hq * B, -(-Sq // bm)), (32 * warps,), (2 * bm + 4 * bn) * (D + 8) * item)
     warps, bmq = _DKDV_TILES[D]
     bnk = 16 * warps
-    kernel = _kernel("attention_bwd.cu", f"attn_bwd_dkdv<{ctype}, {D}, {warps}, {bmq}, {extra}>")
-    runtime.launch(kernel, (-(-Sk // bnk), Hkv, B), (32 * warps,), (q, k, v, dout, lse, dr, dk, dv, *tail),
-                   shared_mem=(2 * bnk + 4 * bmq) * (D + 8) * item + 4 * bmq * 4)
-    return dq, dk, dv
+    kv = (_kernel("attention_bwd.cu", f"attn_bwd_dkdv<{ctype}, {D}, {warps}, {bmq}, {extra}>"),
+          (Hkv * B, -(-Sk // bnk)), (32 * warps,), (2 * bnk + 4 * bmq) * (D + 8) * item + 2 * bmq * 8)
+    return dot, dq, kv, tail, n_rows
 
 
 # ------------------------------------------------------------------------------------------------ the Function

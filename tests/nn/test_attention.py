@@ -367,15 +367,31 @@ def test_kernel_sources_list_the_instantiations_dispatch_asks_for():
     fwd, bwd = (cuda / "attention.cu").read_text(), (cuda / "attention_bwd.cu").read_text()
     for t in ("__nv_bfloat16", "__half"):
         for d in (64, 128):
+            # Unmasked attention runs _FWD_TILES, masks/ALiBi _MASKED_TILES, decode _DECODE_TILES (either).
+            for table, extras in ((A._FWD_TILES, ("false",)), (A._MASKED_TILES, ("true",)),
+                                  (A._DECODE_TILES, ("false", "true"))):
+                w, mt, bn, minb, stages = table[d]
+                for extra in extras:
+                    assert f"attn_fwd<{t}, {d}, {w}, {mt}, {bn}, {minb}, {stages}, {extra}>" in fwd
             for extra in ("false", "true"):
-                for table in (A._FWD_TILES, A._DECODE_TILES):
-                    w, mt, bn, minb = table[d]
-                    assert f"attn_fwd<{t}, {d}, {w}, {mt}, {bn}, {minb}, {extra}>" in fwd
-                w, bn = A._DQ_TILES[d]
-                assert f"attn_bwd_dq<{t}, {d}, {w}, {bn}, {extra}>" in bwd
+                w, mt, bn = A._DQ_TILES[d]
+                assert f"attn_bwd_dq<{t}, {d}, {w}, {mt}, {bn}, {extra}>" in bwd
                 w, bmq = A._DKDV_TILES[d]
                 assert f"attn_bwd_dkdv<{t}, {d}, {w}, {bmq}, {extra}>" in bwd
-            assert f"attn_combine<{t}, {d}>" in fwd and f"attn_bwd_dot<{t}, {d}>" in bwd
+            assert f"attn_bwd_dot<{t}, {d}>" in bwd
+
+
+def test_tile_tables_fit_the_kernels():
+    # Shared memory per block (the H100 allows 227 KiB) and the shapes the kernels' static_asserts accept.
+    for table in (A._FWD_TILES, A._MASKED_TILES, A._DECODE_TILES):
+        for d, (w, mt, bn, minb, stages) in table.items():
+            assert d % 32 == 0 and bn % 16 == 0 and stages >= 2 and minb >= 1
+            assert (16 * mt * w + 2 * stages * bn) * (d + 8) * 2 <= 227 * 1024
+    for d, (w, mt, bn) in A._DQ_TILES.items():
+        assert d <= 128 and bn % 16 == 0 and (2 * 16 * mt * w + 4 * bn) * (d + 8) * 2 <= 227 * 1024
+    for d, (w, bmq) in A._DKDV_TILES.items():
+        assert d <= 128 and bmq % 16 == 0 and bmq // 2 <= 32 * w
+        assert (2 * 16 * w + 4 * bmq) * (d + 8) * 2 + 16 * bmq <= 227 * 1024
 
 
 # ======================================================================================== GPU: the kernels
@@ -461,6 +477,8 @@ GPU_CASES = [  # B, Hq, Hkv, Sq, Sk, D, causal
     (2, 32, 8, 16, 4097, 128, True),       # decode, 16 queries
     (1, 4, 4, 333, 333, 32, True),
     (1, 4, 2, 333, 200, 96, True),
+    (2, 4, 2, 512, 512, 128, True),        # lengths that are multiples of every tile: no tail tiles
+    (1, 4, 4, 256, 384, 64, False),
 ]
 
 
@@ -554,6 +572,24 @@ def test_gpu_large_logits(poison):
     plain = _ref_gpu(q.data, k.data, v.data, scale=1.0, lowp=tc.bf16.storage)
     assert float(abs(q.data.astype(cupy.float32) @ k.data[0, 0].astype(cupy.float32).T).max()) > 3000
     _close(cupy, out.data, ref, plain, "large logits out", atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale", [-0.05, 0.0])
+def test_gpu_non_positive_scale(poison, scale):
+    cupy = _cupy()
+    # The unmasked fast path takes the row max of the raw scores, which needs scale > 0; others take the masked path.
+    q = tc.randn(1, 4, 300, 128, dtype=tc.bf16, device="cuda", requires_grad=True)
+    k = tc.randn(1, 2, 300, 128, dtype=tc.bf16, device="cuda", requires_grad=True)
+    v = tc.randn(1, 2, 300, 128, dtype=tc.bf16, device="cuda", requires_grad=True)
+    out = A.attention(q, k, v, is_causal=True, scale=scale)
+    dout = tc.randn(1, 4, 300, 128, dtype=tc.bf16, device="cuda")
+    out.backward(dout)
+    ref = _ref_gpu(q.data, k.data, v.data, causal=True, scale=scale, dout=dout.data)
+    plain = _ref_gpu(q.data, k.data, v.data, causal=True, scale=scale, dout=dout.data, lowp=tc.bf16.storage)
+    for name, got, r64, lp in zip(("out", "dq", "dk", "dv"), (out.data, q.grad.data, k.grad.data, v.grad.data),
+                                  ref, plain):
+        _close(cupy, got, r64, lp, f"scale {scale} {name}", atol=1e-4 * float(abs(r64).max()) + 1e-6)
 
 
 @pytest.mark.gpu
