@@ -195,7 +195,8 @@ def _accumulate_leaf(leaf, grad, caller_grad):
     grad = grad.astype(leaf.data.dtype, copy=False)
     if leaf.grad is None:
         xp = backend.array_module(grad)
-        aliased = caller_grad is not None and xp.may_share_memory(grad, caller_grad)
+        aliased = (caller_grad is not None and backend.device_of(grad) == backend.device_of(caller_grad)
+                   and xp.may_share_memory(grad, caller_grad))  # a gradient that changed device is a new array
         leaf.grad = Tensor(grad.copy() if aliased else grad, dtype=leaf.dtype)
     else:
         leaf.grad = Tensor(leaf.grad.data + grad, dtype=leaf.dtype)
