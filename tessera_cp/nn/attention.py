@@ -29,9 +29,10 @@ from ..autograd import Function
 from ..errors import DeviceError, DTypeError, ShapeError, TesseraError
 from ..precision import accumulate_storage
 from ..tensor import Tensor, cat, randint, tensor, where
+from .position import alibi_slopes as slope_table
 
 __all__ = ["attention", "flash_attention", "grouped_query_attention", "multi_query_attention", "chunked_attention",
-           "alibi_slopes", "alibi_bias", "dropout_keep_mask", "philox4x32"]
+           "alibi_slopes", "dropout_keep_mask", "philox4x32"]
 
 _KERNEL_TYPES = {numpy.dtype(numpy.float16): "__half", dtypes.bf16.storage: "__nv_bfloat16"}
 # Tile shapes per head dim, as the kernels' template arguments: forward (warps, 16-row tiles per warp MT, keys per
@@ -53,31 +54,10 @@ _TARGET_BLOCKS_PER_SM = 2  # split-KV aims at this many blocks per multiprocesso
 
 
 # ------------------------------------------------------------------------------------------------ ALiBi helpers
-def _alibi_slope_list(n):
-    """The ALiBi paper's slopes: 2^(-8i/n) for i = 1..n when n is a power of two; otherwise those of the power of
-    two below, then every other slope of the power of two above."""
-    if n & (n - 1) == 0:
-        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
-    below = 2 ** int(math.floor(math.log2(n)))
-    return _alibi_slope_list(below) + _alibi_slope_list(2 * below)[0::2][:n - below]
-
-
 def alibi_slopes(num_heads, device=None):
-    """ALiBi slopes for ``num_heads`` heads, an f32 tensor of shape [num_heads]."""
-    if not isinstance(num_heads, (int, numpy.integer)) or num_heads < 1:
-        raise ShapeError(f"alibi_slopes: num_heads must be a positive int, got {num_heads!r}")
-    return tensor(numpy.asarray(_alibi_slope_list(int(num_heads)), dtype=numpy.float32), device=device)
-
-
-def alibi_bias(seq_len, num_heads, key_len=None, dtype=None, device=None):
-    """The [num_heads, seq_len, key_len] bias ``-slope_h * |i + key_len - seq_len - j|`` that ``attention(...,
-    alibi_slopes=alibi_slopes(num_heads))`` adds inside the kernel (for use as an explicit mask elsewhere)."""
-    key_len = seq_len if key_len is None else key_len
-    slopes = numpy.asarray(_alibi_slope_list(int(num_heads)), dtype=numpy.float64)
-    i = numpy.arange(seq_len)[:, None] + (key_len - seq_len)
-    dist = numpy.abs(i - numpy.arange(key_len)[None, :])
-    bias = -slopes[:, None, None] * dist[None]
-    return tensor(bias.astype(numpy.float32), dtype=dtype or dtypes.f32, device=device)
+    """ALiBi slopes for ``num_heads`` heads as the f32 tensor [num_heads] that ``attention(alibi_slopes=...)`` takes
+    (the paper's values: ``nn.position.alibi_slopes``)."""
+    return tensor(slope_table(num_heads).astype(numpy.float32), device=device)
 
 
 # ------------------------------------------------------------------------------------------------ Philox dropout

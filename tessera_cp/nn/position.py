@@ -31,20 +31,24 @@ def alibi_slopes(num_heads):
     return numpy.concatenate([power_of_two(p), power_of_two(2 * p)[0::2][:num_heads - p]])
 
 
-def alibi_bias(seq_len, num_heads, dtype=None, device=None):
-    """ALiBi biases [num_heads, seq_len, seq_len]: ``bias[h, i, j] = slope[h] * (j - i)``, so a query at i sees the
-    key at j < i penalised by slope * distance (keys after i get positive values: mask them for causal attention).
-    Computed in float64 and rounded once to ``dtype`` (default f32)."""
-    if int(seq_len) != seq_len or seq_len < 0:
-        raise ShapeError(f"alibi_bias: seq_len must be an int >= 0, got {seq_len}")
+def alibi_bias(seq_len, num_heads, key_len=None, dtype=None, device=None):
+    """ALiBi biases [num_heads, seq_len, key_len]: ``bias[h, i, j] = -slope[h] * |i + key_len - seq_len - j|``,
+    the bias ``attention(..., alibi_slopes=...)`` adds inside its kernel, for use as an explicit additive mask.
+    Queries are aligned to the last keys (query i sits at key position i + key_len - seq_len, as in decoding with
+    a KV cache); for causal attention this is the paper's -slope * (i - j) on every visible key. Computed in
+    float64 and rounded once to ``dtype`` (default f32)."""
+    key_len = seq_len if key_len is None else key_len
+    for name, n in (("seq_len", seq_len), ("key_len", key_len)):
+        if int(n) != n or n < 0:
+            raise ShapeError(f"alibi_bias: {name} must be an int >= 0, got {n}")
     dtype = dtypes.f32 if dtype is None else dtypes.as_dtype(dtype)
     if not dtype.is_floating or dtype.is_fp8:
         raise DTypeError(f"alibi_bias: dtype must be f16, bf16, f32 or f64, got {dtype.name}")
     xp = backend.xp_for(device)
-    positions = xp.arange(int(seq_len), dtype=numpy.float64)
-    distances = positions[None, :] - positions[:, None]               # [i, j] = j - i
+    query_positions = xp.arange(int(seq_len), dtype=numpy.float64) + (int(key_len) - int(seq_len))
+    distances = xp.abs(query_positions[:, None] - xp.arange(int(key_len), dtype=numpy.float64)[None, :])
     slopes = xp.asarray(alibi_slopes(num_heads))
-    return Tensor((slopes[:, None, None] * distances[None]).astype(dtype.storage), dtype)
+    return Tensor((-slopes[:, None, None] * distances[None]).astype(dtype.storage), dtype)
 
 
 class LearnedPositionalEmbedding(Module):

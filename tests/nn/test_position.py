@@ -22,14 +22,23 @@ def test_slopes(heads, expected):
     np.testing.assert_allclose(alibi_slopes(heads), expected, rtol=1e-15)
 
 
-def test_bias_is_slope_times_signed_distance():
+def test_bias_is_minus_slope_times_distance():
     bias = alibi_bias(5, 3, dtype="f64")
     assert bias.shape == (3, 5, 5) and bias.dtype is dtypes.f64
     slopes = [2 ** -4, 2 ** -8, 2 ** -2]   # 3 heads: the 2-head slopes, then the first odd one of 4 heads
     for h in range(3):
         for i in range(5):
             for j in range(5):
-                assert bias.numpy()[h, i, j] == pytest.approx(slopes[h] * (j - i), rel=1e-15)
+                assert bias.numpy()[h, i, j] == pytest.approx(-slopes[h] * abs(i - j), rel=1e-15)
+
+
+def test_bias_with_more_keys_aligns_queries_to_the_last_keys():
+    bias = alibi_bias(3, 2, key_len=5, dtype="f64").numpy()
+    assert bias.shape == (2, 3, 5)
+    for h, slope in enumerate([2 ** -4, 2 ** -8]):
+        for i in range(3):
+            for j in range(5):
+                assert bias[h, i, j] == pytest.approx(-slope * abs(i + 2 - j), rel=1e-15)
 
 
 def test_bias_dtypes_and_empty():
