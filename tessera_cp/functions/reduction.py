@@ -3,6 +3,8 @@
 Half-precision inputs accumulate in f32, or in f64 under ``precision(accumulate=f64)``; results come back in the
 input's dtype.
 """
+import numpy
+
 from .. import backend
 from ..precision import accumulate_storage
 from ..autograd import Function
@@ -105,7 +107,8 @@ class LogSumExp(Function):
         acc = _accumulate(a)
         peak = acc.max(axis=dims, keepdims=True)
         peak = xp.where(xp.isfinite(peak), peak, 0)  # all -inf rows give -inf, not NaN
-        out = xp.log(xp.exp(acc - peak).sum(axis=dims, keepdims=True)) + peak
+        with numpy.errstate(divide="ignore"):  # a row of only -inf sums to 0: log gives -inf, the right answer
+            out = xp.log(xp.exp(acc - peak).sum(axis=dims, keepdims=True)) + peak
         self.save(acc, out)
         self.dims, self.keepdim, self.dtype = dims, keepdim, a.dtype
         return (out if keepdim else out.squeeze(axis=dims)).astype(a.dtype, copy=False)
