@@ -14,6 +14,7 @@ those (once per backward pass) before running its backward.
 """
 import contextlib
 import threading
+import weakref
 
 from . import backend
 from .errors import ShapeError, TesseraError
@@ -60,6 +61,7 @@ class Function:
     inputs = ()        # per positional arg: None, the leaf Tensor, or the parent Function
     input_shapes = ()
     saved = ()
+    saved_versions = ()  # (weak reference, version) of the Tensor arguments whose arrays backward reads
     replay = None      # inside a checkpoint region: how to recompute this node's forward
 
     def save(self, *arrays):
@@ -83,9 +85,28 @@ class Function:
             result.requires_grad = True
             result._node = fn
             region = getattr(_state, "region", None)
+            kept = arrays if region is not None else fn.saved  # what backward will read of the arguments
+            fn.saved_versions = _versions(args, arrays, kept)
             if region is not None:
                 region.record(fn, cls, args, arrays, kwargs)
         return result
+
+
+def _versions(args, arrays, kept):
+    """(weak reference, version) of each Tensor argument whose array backward reads, to catch in-place edits."""
+    from .tensor import Tensor
+    kept_ids = {id(k) for k in kept}
+    return tuple((weakref.ref(a), a._version) for a, array in zip(args, arrays)
+                 if isinstance(a, Tensor) and id(array) in kept_ids)
+
+
+def _check_versions(node):
+    for ref, version in node.saved_versions:
+        t = ref()
+        if t is not None and t._version != version:
+            raise TesseraError(f"{type(node).__name__}.backward needs a tensor that was modified in place after the "
+                               f"forward (its version went from {version} to {t._version}); clone() it before "
+                               f"writing into it")
 
 
 def _handle(arg):
@@ -107,9 +128,9 @@ class _Region:
         # Arguments made inside the region are recomputed; the rest (the region's inputs) are kept as arrays.
         sources = tuple(a._node if isinstance(a, Tensor) and id(a._node) in self.nodes else array
                         for a, array in zip(args, arrays))
-        inputs, shapes = fn.inputs, fn.input_shapes
+        inputs, shapes, versions = fn.inputs, fn.input_shapes, fn.saved_versions
         fn.__dict__.clear()  # drop every saved array; backward recomputes them
-        fn.inputs, fn.input_shapes = inputs, shapes
+        fn.inputs, fn.input_shapes, fn.saved_versions = inputs, shapes, versions
         # The precision setting too: backward may run outside the context the forward ran in.
         fn.replay = (cls, sources, kwargs, _precision_now())
         self.nodes.add(id(fn))
@@ -226,6 +247,7 @@ def backward(tensor, grad=None):
             g = grads.pop(id(node), None)
             if g is None:
                 continue
+            _check_versions(node)
             live = node if node.replay is None else _recompute(node, memo)
             parent_grads = live.backward(g)
             if not isinstance(parent_grads, tuple):

@@ -17,7 +17,7 @@ MinMax = collections.namedtuple("MinMax", ["values", "indices"])
 
 
 class Tensor:
-    __slots__ = ("data", "dtype", "requires_grad", "grad", "_node", "__weakref__")
+    __slots__ = ("data", "dtype", "requires_grad", "grad", "_node", "_version", "__weakref__")
     __array_priority__ = 1000  # NumPy defers to our operators: ndarray + Tensor -> Tensor
 
     def __init__(self, data, dtype=None, requires_grad=False):
@@ -31,6 +31,7 @@ class Tensor:
         self.requires_grad = bool(requires_grad)
         self.grad = None
         self._node = None
+        self._version = 0  # counts in-place writes, so backward can refuse arrays changed since they were saved
 
     # Shape-checked annotations: Tensor["B", "S", "D"] (see tessera_cp.shapes).
     def __class_getitem__(cls, dims):
@@ -681,6 +682,7 @@ class Tensor:
                 self._rebind(_i.SetItem.apply(self._snapshot(), value, key=key))
             else:
                 self.data[key] = value.data
+                self._version += 1
         except ValueError as e:  # NumPy/CuPy's broadcast failure, said in our terms
             raise ShapeError(f"setitem: a value of shape {value.shape} does not fit the indexed part of a tensor "
                              f"of shape {self.shape} ({e})") from None

@@ -611,3 +611,31 @@ def test_grad_mode_decorators_are_reentrant_and_thread_safe():
     for t in threads:
         t.join()
     assert after == {"a": True, "b": False}
+
+
+def test_backward_refuses_a_saved_input_modified_in_place():
+    w = tc.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    c = tc.tensor([4.0, 5.0, 6.0])
+    out = (w * c).sum()          # Mul saves c for w's gradient
+    c[0] = 100.0                 # the array backward would read has changed
+    with pytest.raises(TesseraError, match="modified in place"):
+        out.backward()
+
+
+def test_in_place_write_into_an_unsaved_input_is_fine():
+    w = tc.tensor([1.0, 2.0], requires_grad=True)
+    c = tc.tensor([4.0, 5.0])
+    out = (w + c).sum()          # Add saves nothing
+    c[0] = 100.0
+    out.backward()
+    numpy.testing.assert_array_equal(w.grad.numpy(), [1.0, 1.0])
+
+
+def test_in_place_write_into_a_checkpointed_input_is_refused():
+    w = tc.tensor([1.0, 2.0], requires_grad=True)
+    c = tc.tensor([4.0, 5.0])
+    with tc.checkpoint_region():  # the region keeps its inputs to recompute from
+        out = (w + c).exp().sum()
+    c[1] = -1.0
+    with pytest.raises(TesseraError, match="modified in place"):
+        out.backward()
