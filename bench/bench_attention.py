@@ -4,13 +4,13 @@ FLOPs: forward = 4 * B * H * Sq * Sk * D (two matrix products of 2 * Sq * Sk * D
 forward + backward = 3.5 x forward (the issue's convention: backward = 2.5 forward-equivalents).
 Decode bytes: the K and V read once, 2 * B * Hkv * Sk * D * 2 (the queries and output are negligible).
 """
+import importlib
 import math
 import os
 
 import pytest
 
 import tessera_cp as tc
-import importlib
 
 A = importlib.import_module("tessera_cp.nn.attention")  # the module: tessera_cp.nn.attention is the function
 

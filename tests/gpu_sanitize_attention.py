@@ -6,10 +6,11 @@
 Covers attn_fwd (plain, with mask + ALiBi, packed decode with split keys), the in-launch split merge, attn_bwd_dot, attn_bwd_dq
 and attn_bwd_dkdv (plain and masked), on lengths that are not multiples of any tile.
 """
+import importlib
+
 import cupy
 
 import tessera_cp as tc
-import importlib
 
 A = importlib.import_module("tessera_cp.nn.attention")  # the module: tessera_cp.nn.attention is the function
 

@@ -2,6 +2,7 @@
 differences, dropout statistics, Philox known answers, chunked attention; GPU tests (marked gpu) hold the CUDA
 kernels to the flash-attention rule (error against float64 at most twice that of a plain same-precision
 implementation, plus a small absolute term) on odd sizes, GQA/MQA, masks, ALiBi, decode and fully masked rows."""
+import importlib
 import math
 import pathlib
 
@@ -10,10 +11,9 @@ import pytest
 
 import tessera_cp as tc
 from tessera_cp.errors import DTypeError, ShapeError, TesseraError
-import importlib
+from tessera_cp.testing import gradcheck
 
 A = importlib.import_module("tessera_cp.nn.attention")  # the module: tessera_cp.nn.attention is the function
-from tessera_cp.testing import gradcheck
 
 NEG = -numpy.inf
 
