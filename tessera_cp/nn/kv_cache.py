@@ -254,6 +254,24 @@ def _check_scale(scale, dk):
     return scale
 
 
+def _decode_operands(q, key, value, names, cache_layout, what):
+    """q [B, Hq, D] and the two caches (rank 4, ``cache_layout``) as float Tensors of one dtype on q's device."""
+    q = _as_tensor(q, f"{what}(q)")
+    k = _as_tensor(key, f"{what}({names[0]})", q.device)
+    v = _as_tensor(value, f"{what}({names[1]})", q.device)
+    for name, t in zip(("q",) + names, (q, k, v)):
+        _check_float(t, f"{what}: {name}")
+    if q.ndim != 3 or k.ndim != 4 or v.ndim != 4:
+        raise ShapeError(f"{what}: q must be [B, Hq, D] and {names[0]}/{names[1]} {cache_layout}, got {q.shape}, "
+                         f"{k.shape}, {v.shape}")
+    if not (q.dtype is k.dtype is v.dtype):
+        raise DTypeError(f"{what}: q, {names[0]}, {names[1]} must share a dtype, got {q.dtype.name}, "
+                         f"{k.dtype.name}, {v.dtype.name}")
+    if k.device != q.device or v.device != q.device:
+        raise DeviceError(f"{what}: q on {q.device}, {names[0]} on {k.device}, {names[1]} on {v.device}")
+    return q, k, v
+
+
 def paged_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, *, scale=None, num_splits=None):
     """Attention of one query token per sequence over keys and values read through block tables.
 
@@ -263,19 +281,8 @@ def paged_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, *,
     1/sqrt(D); ``num_splits`` fixes the split over keys (default: chosen from the GPU and the lengths). The block
     tables are checked against the pool (one small device-to-host copy); ``PagedKVCache.attend`` skips that.
     """
-    q = _as_tensor(q, "paged_decode_attention(q)")
-    k = _as_tensor(key_cache, "paged_decode_attention(key_cache)", q.device)
-    v = _as_tensor(value_cache, "paged_decode_attention(value_cache)", q.device)
-    for name, t in (("q", q), ("key_cache", k), ("value_cache", v)):
-        _check_float(t, f"paged_decode_attention: {name}")
-    if q.ndim != 3 or k.ndim != 4 or v.ndim != 4:
-        raise ShapeError(f"paged_decode_attention: q must be [B, Hq, D] and the caches [num_blocks, Hkv, block_size, "
-                         f"D], got {q.shape}, {k.shape}, {v.shape}")
-    if not (q.dtype is k.dtype is v.dtype):
-        raise DTypeError(f"paged_decode_attention: q, key_cache, value_cache must share a dtype, got {q.dtype.name}, "
-                         f"{k.dtype.name}, {v.dtype.name}")
-    if k.device != q.device or v.device != q.device:
-        raise DeviceError(f"paged_decode_attention: q on {q.device}, caches on {k.device} and {v.device}")
+    q, k, v = _decode_operands(q, key_cache, value_cache, ("key_cache", "value_cache"),
+                               "[num_blocks, Hkv, block_size, D]", "paged_decode_attention")
     B, Hq, dk = q.shape
     nb, Hkv, bs, dkk = k.shape
     if dkk != dk or v.shape[:3] != k.shape[:3]:
@@ -312,19 +319,7 @@ def decode_attention(q, key, value, seq_lens=None, *, scale=None, num_splits=Non
     q [B, Hq, D]; key and value [B, Hkv, S, D] (sequence b uses its first seq_lens[b] positions; default all S).
     The same kernel as ``paged_decode_attention`` with row j of sequence b at key[b, :, j]. Returns [B, Hq, D].
     """
-    q = _as_tensor(q, "decode_attention(q)")
-    k = _as_tensor(key, "decode_attention(key)", q.device)
-    v = _as_tensor(value, "decode_attention(value)", q.device)
-    for name, t in (("q", q), ("key", k), ("value", v)):
-        _check_float(t, f"decode_attention: {name}")
-    if q.ndim != 3 or k.ndim != 4 or v.ndim != 4:
-        raise ShapeError(f"decode_attention: q must be [B, Hq, D] and key/value [B, Hkv, S, D], got {q.shape}, "
-                         f"{k.shape}, {v.shape}")
-    if not (q.dtype is k.dtype is v.dtype):
-        raise DTypeError(f"decode_attention: q, key, value must share a dtype, got {q.dtype.name}, {k.dtype.name}, "
-                         f"{v.dtype.name}")
-    if k.device != q.device or v.device != q.device:
-        raise DeviceError(f"decode_attention: q on {q.device}, key on {k.device}, value on {v.device}")
+    q, k, v = _decode_operands(q, key, value, ("key", "value"), "[B, Hkv, S, D]", "decode_attention")
     B, Hq, dk = q.shape
     if k.shape[0] != B or k.shape[-1] != dk or v.shape[:3] != k.shape[:3]:
         raise ShapeError(f"decode_attention: key {k.shape} must be [B={B}, Hkv, S, {dk}] and value {v.shape} agree "
