@@ -45,6 +45,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common.cuh"
 #include "mma_sm80.cuh"
 
 namespace tessera_attn {
@@ -53,12 +54,12 @@ using tessera::cp_async16;
 using tessera::cp_async_commit;
 using tessera::cp_async_wait;
 using tessera::mma;
+using tessera::neg_inf;
 using tessera::smem_addr;
 
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 __device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
 
 // 2^x with the hardware approximation (relative error ~2^-22); 2^-inf = 0.

@@ -30,6 +30,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common.cuh"
+
 namespace tessera_loss {
 
 constexpr int MAX_THREADS = 1024;
@@ -38,17 +40,12 @@ constexpr int VEC_BYTES = 16;
 constexpr int LOADS_IN_FLIGHT = 4;  // packs each thread loads before using any: memory parallelism for pass 1
 constexpr float LOG2E = 1.4426950408889634f;
 
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fffffff); }
 __device__ __forceinline__ float exp_(float x) { return exp2f(x * LOG2E); }
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+using tessera::from_float;
+using tessera::neg_inf;
+using tessera::to_float;
 
 // 16 bytes of T: loaded raw (so that several loads can be in flight before any is converted), used as floats.
 template <typename T> struct Pack {
@@ -58,12 +55,12 @@ template <typename T> struct Pack {
     __device__ __forceinline__ void to_float(float (&v)[N]) const {
         const T *e = reinterpret_cast<const T *>(&raw);
 #pragma unroll
-        for (int i = 0; i < N; ++i) v[i] = to_f(e[i]);
+        for (int i = 0; i < N; ++i) v[i] = tessera::to_float(e[i]);
     }
     __device__ __forceinline__ void from_float(const float (&v)[N]) {
         T *e = reinterpret_cast<T *>(&raw);
 #pragma unroll
-        for (int i = 0; i < N; ++i) e[i] = from_f<T>(v[i]);
+        for (int i = 0; i < N; ++i) e[i] = tessera::from_float<T>(v[i]);
     }
     __device__ __forceinline__ void store(T *p) const { *reinterpret_cast<uint4 *>(p) = raw; }
 };
@@ -138,7 +135,7 @@ template <typename T> __device__ RowStats row_stats(const T *x, long long n) {
     RowStats st;
     const RowSplit<T> split(x, n);
     const long long tail = n - split.tail_start, step = blockDim.x;
-    if (threadIdx.x < split.head) st.add(to_f(x[threadIdx.x]));
+    if (threadIdx.x < split.head) st.add(to_float(x[threadIdx.x]));
     const T *body = x + split.head;
     for (long long i0 = threadIdx.x; i0 < split.packs; i0 += LOADS_IN_FLIGHT * step) {
         Pack<T> p[LOADS_IN_FLIGHT];
@@ -154,7 +151,7 @@ template <typename T> __device__ RowStats row_stats(const T *x, long long n) {
             }
         }
     }
-    if (threadIdx.x < tail) st.add(to_f(x[split.tail_start + threadIdx.x]));
+    if (threadIdx.x < tail) st.add(to_float(x[split.tail_start + threadIdx.x]));
     return block_merge(st);
 }
 
@@ -171,13 +168,13 @@ __device__ void write_grad_row(const T *x, T *grad, long long n, long long col0,
     const bool same_alignment =
         reinterpret_cast<unsigned long long>(x) % VEC_BYTES == reinterpret_cast<unsigned long long>(grad) % VEC_BYTES;
     if (!same_alignment) {  // a gradient buffer offset differently from the logits: one element at a time
-        for (long long j = threadIdx.x; j < n; j += blockDim.x) grad[j] = from_f<T>(value(to_f(x[j]), j));
+        for (long long j = threadIdx.x; j < n; j += blockDim.x) grad[j] = from_float<T>(value(to_float(x[j]), j));
         return;
     }
     const long long tail = n - split.tail_start;
     if (threadIdx.x < tail) {
         const long long j = split.tail_start + threadIdx.x;
-        grad[j] = from_f<T>(value(to_f(x[j]), j));
+        grad[j] = from_float<T>(value(to_float(x[j]), j));
     }
     if ((long long)threadIdx.x < split.packs) {
         // Two packs per step (both loaded before either is stored: they are distinct elements, so this is safe
@@ -202,11 +199,11 @@ __device__ void write_grad_row(const T *x, T *grad, long long n, long long col0,
             }
         }
     }
-    if (threadIdx.x < split.head) grad[threadIdx.x] = from_f<T>(value(to_f(x[threadIdx.x]), threadIdx.x));
+    if (threadIdx.x < split.head) grad[threadIdx.x] = from_float<T>(value(to_float(x[threadIdx.x]), threadIdx.x));
 }
 
 template <typename T> __device__ void fill_row(T *row, long long n, float v) {
-    const T t = from_f<T>(v);
+    const T t = from_float<T>(v);
     for (long long j = threadIdx.x; j < n; j += blockDim.x) row[j] = t;
 }
 
@@ -231,7 +228,7 @@ cross_entropy_fwd(const T *logits, const long long *targets, float *loss, float 
         if (write_grad) fill_row(g, vocab, v);
         return;
     }
-    const float xt = to_f(x[t]);  // read before pass 2 may overwrite the row
+    const float xt = to_float(x[t]);  // read before pass 2 may overwrite the row
     const RowStats st = row_stats(x, vocab);
     const float log_s = logf(st.s);
     if (threadIdx.x == 0) {
@@ -278,7 +275,7 @@ __global__ void scale_rows(T *x, const float *g, long long n_rows, long long n_c
     if (s == 1.0f) return;
     T *r = x + row * n_cols;
     const RowSplit<T> split(r, n_cols);
-    if (threadIdx.x < split.head) r[threadIdx.x] = from_f<T>(to_f(r[threadIdx.x]) * s);
+    if (threadIdx.x < split.head) r[threadIdx.x] = from_float<T>(to_float(r[threadIdx.x]) * s);
     T *body = r + split.head;
     for (long long i = threadIdx.x; i < split.packs; i += blockDim.x) {
         constexpr int N = Pack<T>::N;
@@ -292,5 +289,5 @@ __global__ void scale_rows(T *x, const float *g, long long n_rows, long long n_c
         p.store(body + i * N);
     }
     const long long j = split.tail_start + threadIdx.x;
-    if (j < n_cols) r[j] = from_f<T>(to_f(r[j]) * s);
+    if (j < n_cols) r[j] = from_float<T>(to_float(r[j]) * s);
 }

@@ -36,6 +36,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common.cuh"
 #include "mma_sm80.cuh"
 
 namespace tessera_paged {
@@ -44,6 +45,7 @@ using tessera::cp_async16;
 using tessera::cp_async_commit;
 using tessera::cp_async_wait;
 using tessera::mma;
+using tessera::neg_inf;
 using tessera::smem_addr;
 
 constexpr float LOG2E = 1.4426950408889634f;
@@ -53,7 +55,6 @@ constexpr int SPAD = 4;             // floats of padding per row of S
 constexpr int COMBINE_WARPS = 8;
 constexpr int MAX_SPLITS = 256;     // the launcher never asks for more
 
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
 // 2^x with the hardware approximation; 2^-inf = 0.
 __device__ __forceinline__ float exp2_approx(float x) {
