@@ -12,6 +12,7 @@ projection of the layers into a weight-only int8 ``CastedLinear`` (one scale per
 Generation (prefill, decode with the paged cache, sampling, CUDA graphs) is in ``generate.py``.
 """
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -24,14 +25,16 @@ from .. import backend, dtypes
 from ..autograd import no_grad
 from ..errors import DTypeError, ShapeError, TesseraError
 from ..nn import init
-from ..nn.activation import swiglu_activation
+from ..functions.matmul import linear_rows
+from ..nn.activation import _swiglu_forward, swiglu_activation
 from ..nn.attention import attention
 from ..nn.casted import WEIGHT_ONLY_MAX_M, CastedLinear
 from ..nn.kv_cache import _decode as _paged_decode
 from ..nn.layers import Linear
 from ..nn.module import Module, ModuleList, Parameter
-from ..nn.norm import rms_norm
-from ..nn.rope import apply_rope, rope_cache
+from ..nn.norm import _as_tensor, rms_norm
+from ..nn.norm import _forward as _rms_norm_forward
+from ..nn.rope import _positions, _rotate, apply_rope, rope_cache
 from ..nn.serialization import load_safetensors, read_header, save_safetensors
 from ..tensor import Tensor, cat, empty, ones
 from . import gemv
@@ -193,6 +196,31 @@ def _weight_of(linear):
     return linear.weight.data, None, None if linear.bias is None else linear.bias.data
 
 
+def _dense_weight(linear, dtype):
+    """A projection's weight as a [N, K] array of ``dtype`` (int8 weights dequantized by their channel scales)."""
+    if isinstance(linear, CastedLinear):
+        xp = backend.array_module(linear.weight.data)
+        return (linear.weight.data.astype(xp.float32) * linear.weight_scale.data[:, None]).astype(dtype)
+    return linear.weight.data
+
+
+def _linear_into(x, linear, out=None, accumulate=False):
+    """out (+)= x @ W.T (+ bias) on 2-D arrays: one GEMM, the residual added by it when ``accumulate``."""
+    out = linear_rows(x, _dense_weight(linear, x.dtype), out=out, accumulate=accumulate)
+    if linear.bias is not None:
+        out += linear.bias.data.astype(out.dtype, copy=False)
+    return out
+
+
+def _attend_causal(q, k, v, scale):
+    """Causal attention output [B, Hq, S, D] of raw arrays [B, H, S, D] (any strides): the kernel when it takes
+    them, else the reference."""
+    attn = importlib.import_module("tessera_cp.nn.attention")
+    if attn._kernel_ready(q, k, v, None, None, 0.0):
+        return attn._forward_kernel(q, k, v, None, None, scale, True)[0]
+    return attn._forward_reference(q, k, v, None, None, scale, True, None)[0]
+
+
 def _project(x, linear):
     """x [..., K] through a Linear or an int8 CastedLinear. Many rows on the GPU (prefill) take the int8 weights
     dequantized to x's dtype and one cuBLAS GEMM (still weight-only: the activations are never quantized)."""
@@ -268,6 +296,25 @@ class FusedTransformerLayer(Module):
         x = x + _project(o.transpose(1, 2).reshape(B, S, Hq * D), self.o_proj)
         h = swiglu_activation(_project(rms_norm(x, self.mlp_norm, self.eps), self.gate_up))
         return x + _project(h, self.down), k, v
+
+    def prefill(self, x, cos, sin, pos):
+        """``forward`` for inference on raw arrays: x [B, S, dim] (contiguous) is updated in place and the rotated
+        (k, v) [B, S, Hkv, D] returned. The same kernels without the Tensor and tape layers, RoPE in place on the
+        QKV product, and the two residual adds done by the o/down GEMMs: a prefill makes about ten launches a
+        layer, and through the Tensor layer their host time exceeded the GPU's (issue 9)."""
+        B, S, dim = x.shape
+        Hq, Hkv, D, F = self.num_heads, self.num_kv_heads, self.head_dim, self.hidden_dim
+        x2 = x.reshape(B * S, dim)
+        qkv = _linear_into(_rms_norm_forward(x2, self.attn_norm.data, self.eps), self.qkv)
+        heads = qkv.reshape(B, S, Hq + 2 * Hkv, D)
+        q, k, v = heads[:, :, :Hq], heads[:, :, Hq:Hq + Hkv], heads[:, :, Hq + Hkv:]
+        _rotate([q, k], cos, sin, pos, "BSHD", 1.0, inplace=True)
+        o = _attend_causal(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                           1.0 / math.sqrt(D))
+        _linear_into(o.transpose(0, 2, 1, 3).reshape(B * S, Hq * D), self.o_proj, out=x2, accumulate=True)
+        gate_up = _linear_into(_rms_norm_forward(x2, self.mlp_norm.data, self.eps), self.gate_up)
+        _linear_into(_swiglu_forward(gate_up[:, :F], gate_up[:, F:], 1.0), self.down, out=x2, accumulate=True)
+        return k, v
 
     def decode(self, s, k_cache, v_cache):
         """One token per sequence, on the raw arrays of a decode state ``s`` (see ``LlamaForCausalLM.decode_step``):
@@ -366,6 +413,14 @@ class LlamaForCausalLM(Module):
             cos, sin = rope_tables(self.config, S, self.dtype, self.device)
         with no_grad():
             x = Tensor(self.embed_tokens.data[backend.to_device(ids, self.device)], self.dtype)
+            if self.device == "cuda" and not backend.reference_forced():   # raw arrays: see prefill()
+                cos, sin = _as_tensor(cos, "cos").data, _as_tensor(sin, "sin").data
+                pos = _positions(None, ids.shape[0], S, cos.shape[0], self.device, "hidden_states")
+                for i, layer in enumerate(self.layers):
+                    k, v = layer.prefill(x.data, cos, sin, pos)
+                    if kv_sink is not None:
+                        kv_sink(i, Tensor(k, self.dtype), Tensor(v, self.dtype))
+                return x
             for i, layer in enumerate(self.layers):
                 x, k, v = layer(x, cos, sin)
                 if kv_sink is not None:
