@@ -8,23 +8,47 @@
 // Keeping m and log_s apart (rather than one logsumexp) keeps x_j - m exact, so logits near +-1e4 in bf16 or
 // +-1e30 in f32 lose no precision to the size of m.
 //
-// cross_entropy_fwd: one block per row. Pass 1 reads the row once, each thread keeping an online (max, sum of
-// exp) pair and the row sum (for smoothing), merged across the block. With write_grad, pass 2 walks the row again
-// in the reverse order, so that it first re-reads what pass 1 read last (most likely still in L2), and writes the
-// gradient; `grad` may be the logits themselves (each element is read, then written, by the same thread, after
-// the block has finished pass 1). Rows whose target is ignore_index give loss 0 and a zero gradient row and read
-// no logits. A target outside [0, V) (the host checks before launching; this is the last line of defence) gives a
-// NaN loss and gradient row and is never used as an index.
+// cross_entropy_fwd_cluster (Hopper, the fast path for long rows with a gradient): a row is split over a cluster of
+// CLUSTER blocks (1, 2, 4 or 8) of CLUSTER_THREADS threads, each thread holding up to CLUSTER_PACKS 16-byte packs of
+// its block's contiguous share in registers (64 KiB per block, so a cluster of 8 holds 512 KiB: 256k bf16 or 128k
+// f32 logits). All packs are loaded at once (16 independent 16-byte loads per thread in flight), the (max, sum of
+// exp, sum) of the share is merged over the block, then over the cluster through distributed shared memory (one
+// cluster barrier), and the gradient is written from the registers: the logits are read from memory exactly once
+// and the gradient written once, whatever the L2 holds. Two blocks per SM (registers capped at 128), so one
+// block's loads overlap another's reductions and stores. The host picks it on compute capability >= 9.0 for rows
+// of more than CLUSTER_MIN_ROW_BYTES whose gradient buffer has the logits' 16-byte alignment; the cluster size is
+// compiled in (__cluster_dims__), so an ordinary launch of n_rows * CLUSTER blocks forms the clusters. Without a
+// gradient the fallback below is faster (it streams each row once; measured 0.85 ms against 1.02 ms).
+// cross_entropy_fwd: the fallback, one block per row. Pass 1 reads the row once, each thread keeping an online
+// (max, sum of exp) pair and the row sum (for smoothing), merged across the block. With write_grad, pass 2 walks
+// the row again in the reverse order, so that it first re-reads what pass 1 read last (most likely still in L2),
+// and writes the gradient.
+// Both: `grad` may be the logits themselves (each element is read, then written, by the same thread, after the
+// row's statistics are complete). Rows whose target is ignore_index give loss 0 and a zero gradient row and read
+// no logits. A target outside [0, V) (the host checks before launching; this is the last line of defence) gives
+// a NaN loss and gradient row and is never used as an index.
 // cross_entropy_bwd: the gradient from saved (m, log_s), for columns [col0, col0 + n_cols) of a V-class row (a
-// vocabulary slice of the fused linear cross-entropy), scaled by base_scale * row_scale[row * scale_stride].
+// chunk of rows of the fused linear cross-entropy, or a vocabulary slice), scaled by
+// base_scale * row_scale[row * scale_stride].
 // scale_rows: x[row, :] *= g[row * g_stride] in place; a row whose factor is exactly 1 is left untouched (no
-// memory traffic), so the common upstream gradient of 1 costs one tiny launch and no host synchronisation.
+// memory traffic), so the common upstream gradient of 1 costs one tiny launch and no host synchronisation. Blocks
+// stride over the rows (the host launches fewer blocks than rows when the factor is one scalar).
+// count_targets: how many targets are counted (not ignore_index) and how many of those lie outside [0, V), in one
+// launch of one block: the host's check before any other kernel reads the logits (one small launch and one
+// 16-byte device-to-host copy per call, instead of a chain of array operations).
 //
 // Vector access: 16-byte loads/stores in the row's aligned middle, scalar for the unaligned head and the tail, so
-// any row length (odd vocabularies such as 50257, or 1) and any row offset works. Indices are 64-bit: rows * V may
-// exceed 2^31. Block size: a multiple of 32, at most MAX_THREADS; the grid has one block per row.
+// any row length (odd vocabularies such as 50257, or 1) and any row offset works. Indices into the whole array are
+// 64-bit: rows * V may exceed 2^31. Block size of the fallbacks: a multiple of 32, at most MAX_THREADS; one block
+// per row.
 //
 // tessera-instantiate: cross_entropy_fwd<float>; cross_entropy_fwd<__half>; cross_entropy_fwd<__nv_bfloat16>
+// tessera-instantiate: cross_entropy_fwd_cluster<float, 1>; cross_entropy_fwd_cluster<float, 2>
+// tessera-instantiate: cross_entropy_fwd_cluster<float, 4>; cross_entropy_fwd_cluster<float, 8>
+// tessera-instantiate: cross_entropy_fwd_cluster<__half, 1>; cross_entropy_fwd_cluster<__half, 2>
+// tessera-instantiate: cross_entropy_fwd_cluster<__half, 4>; cross_entropy_fwd_cluster<__half, 8>
+// tessera-instantiate: cross_entropy_fwd_cluster<__nv_bfloat16, 1>; cross_entropy_fwd_cluster<__nv_bfloat16, 2>
+// tessera-instantiate: cross_entropy_fwd_cluster<__nv_bfloat16, 4>; cross_entropy_fwd_cluster<__nv_bfloat16, 8>
 // tessera-instantiate: cross_entropy_bwd<float>; cross_entropy_bwd<__half>; cross_entropy_bwd<__nv_bfloat16>
 // tessera-instantiate: scale_rows<float>; scale_rows<__half>; scale_rows<__nv_bfloat16>
 #include <cuda_bf16.h>
@@ -40,8 +64,45 @@ constexpr int VEC_BYTES = 16;
 constexpr int LOADS_IN_FLIGHT = 4;  // packs each thread loads before using any: memory parallelism for pass 1
 constexpr float LOG2E = 1.4426950408889634f;
 
+// cross_entropy_fwd_cluster: threads per block, packs per thread (held in registers: 64 of the 128 a thread may
+// use at CLUSTER_MIN_BLOCKS blocks per SM), and so the bytes of a row one block holds (64 KiB). Measured on the
+// H100 (bench/tune_loss.py, bf16 8192 x 128256 with the gradient; two runs): 256 x 16 at 2 blocks/SM 1.67 / 1.75
+// ms, 256 x 8 at 4 1.66 / 1.69 ms (but a cluster of 8 then holds only 256 KiB rows), 512 x 8 at 2 1.77 / 1.75 ms,
+// 512 x 4 at 3 2.03 ms, 1024 x 4 at 1 2.39 ms. The -D overrides exist for that script, which launches such builds
+// itself; loss.py's host code assumes the defaults.
+#ifndef TESSERA_LOSS_CLUSTER_THREADS
+#define TESSERA_LOSS_CLUSTER_THREADS 256
+#endif
+#ifndef TESSERA_LOSS_CLUSTER_PACKS
+#define TESSERA_LOSS_CLUSTER_PACKS 16
+#endif
+#ifndef TESSERA_LOSS_CLUSTER_MIN_BLOCKS
+#define TESSERA_LOSS_CLUSTER_MIN_BLOCKS 2
+#endif
+constexpr int CLUSTER_THREADS = TESSERA_LOSS_CLUSTER_THREADS;
+constexpr int CLUSTER_PACKS = TESSERA_LOSS_CLUSTER_PACKS;
+constexpr int CLUSTER_MIN_BLOCKS = TESSERA_LOSS_CLUSTER_MIN_BLOCKS;
+constexpr int CLUSTER_BLOCK_PACKS = CLUSTER_THREADS * CLUSTER_PACKS;
+
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fffffff); }
 __device__ __forceinline__ float exp_(float x) { return exp2f(x * LOG2E); }
+// 2^x in one MUFU.EX2 (exp2f adds a range fix-up for results below 2^-126; those flush to 0 here, which no
+// softmax sum (>= 1) or stored gradient can tell apart).
+__device__ __forceinline__ float ex2_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Two floats rounded to a 2-byte type, as one 32-bit word (.x in the low half): one conversion instruction.
+__device__ __forceinline__ unsigned pair_bits(float a, float b, __nv_bfloat16) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<unsigned *>(&h);
+}
+__device__ __forceinline__ unsigned pair_bits(float a, float b, __half) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<unsigned *>(&h);
+}
 
 using tessera::from_float;
 using tessera::neg_inf;
@@ -58,11 +119,18 @@ template <typename T> struct Pack {
         for (int i = 0; i < N; ++i) v[i] = tessera::to_float(e[i]);
     }
     __device__ __forceinline__ void from_float(const float (&v)[N]) {
-        T *e = reinterpret_cast<T *>(&raw);
+        if constexpr (sizeof(T) == 2) {
+            unsigned *w = reinterpret_cast<unsigned *>(&raw);
 #pragma unroll
-        for (int i = 0; i < N; ++i) e[i] = tessera::from_float<T>(v[i]);
+            for (int i = 0; i < N / 2; ++i) w[i] = pair_bits(v[2 * i], v[2 * i + 1], T());
+        } else {
+            T *e = reinterpret_cast<T *>(&raw);
+#pragma unroll
+            for (int i = 0; i < N; ++i) e[i] = tessera::from_float<T>(v[i]);
+        }
     }
-    __device__ __forceinline__ void store(T *p) const { *reinterpret_cast<uint4 *>(p) = raw; }
+    // __stwb: an explicit 16-byte store (a plain uint4 assignment was split into four 4-byte stores here).
+    __device__ __forceinline__ void store(T *p) const { __stwb(reinterpret_cast<uint4 *>(p), raw); }
 };
 
 // How a row of n elements at p splits into an unaligned head, whole 16-byte packs, and a tail.
@@ -164,6 +232,7 @@ __device__ void write_grad_row(const T *x, T *grad, long long n, long long col0,
         const float q = eps_v + (col0 + j == target ? hit : 0.0f);
         return (exp_((xj - m) - log_s) - q) * scale;
     };
+    const float ls2 = log_s * LOG2E, eps_scaled = eps_v * scale, hit_scaled = hit * scale;
     const RowSplit<T> split(x, n);
     const bool same_alignment =
         reinterpret_cast<unsigned long long>(x) % VEC_BYTES == reinterpret_cast<unsigned long long>(grad) % VEC_BYTES;
@@ -193,7 +262,13 @@ __device__ void write_grad_row(const T *x, T *grad, long long n, long long col0,
                 float v[N];
                 p[u].to_float(v);
 #pragma unroll
-                for (int k = 0; k < N; ++k) v[k] = value(v[k], j0 + k);
+                for (int k = 0; k < N; ++k) v[k] = ex2_ftz((v[k] - m) * LOG2E - ls2) * scale - eps_scaled;
+                const long long at = target - col0 - j0;  // the target's place in this pack, if it is in it
+                if (at >= 0 && at < N) {
+#pragma unroll
+                    for (int k = 0; k < N; ++k)
+                        if (k == at) v[k] -= hit_scaled;
+                }
                 p[u].from_float(v);
                 p[u].store(grad + j0);
             }
@@ -207,7 +282,50 @@ template <typename T> __device__ void fill_row(T *row, long long n, float v) {
     for (long long j = threadIdx.x; j < n; j += blockDim.x) row[j] = t;
 }
 
+// r[0:n] *= s, the block's threads striding over the row's packs.
+template <typename T> __device__ void scale_row(T *r, long long n, float s) {
+    constexpr int N = Pack<T>::N;
+    const RowSplit<T> split(r, n);
+    if (threadIdx.x < split.head) r[threadIdx.x] = from_float<T>(to_float(r[threadIdx.x]) * s);
+    T *body = r + split.head;
+    for (long long i = threadIdx.x; i < split.packs; i += blockDim.x) {
+        Pack<T> p;
+        p.load(body + i * N);
+        float v[N];
+        p.to_float(v);
+#pragma unroll
+        for (int k = 0; k < N; ++k) v[k] *= s;
+        p.from_float(v);
+        p.store(body + i * N);
+    }
+    const long long j = split.tail_start + threadIdx.x;
+    if (j < n) r[j] = from_float<T>(to_float(r[j]) * s);
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// Cluster barrier halves: arrive publishes this block's earlier memory operations (shared memory included) to
+// the cluster, wait makes the other blocks' published ones visible. Every thread of every block takes part.
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
+
+// A float in block `rank`'s shared memory, at the place `local` has in this block's.
+__device__ __forceinline__ float load_cluster_shared(const float *local, unsigned rank) {
+    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(local));
+    unsigned remote;
+    float v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+#endif
+
 }  // namespace tessera_loss
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define TESSERA_LOSS_CLUSTER(c)  // no clusters before Hopper: the kernel body is a trap there, never launched
+#else
+#define TESSERA_LOSS_CLUSTER(c) __cluster_dims__(c, 1, 1)
+#endif
 
 // logits [n_rows, vocab] row-major; targets [n_rows] int64; loss, row_max, row_logsum [n_rows] float.
 // With write_grad != 0, grad [n_rows, vocab] (may be logits) gets (softmax - q) * grad_scale.
@@ -242,6 +360,164 @@ cross_entropy_fwd(const T *logits, const long long *targets, float *loss, float 
         write_grad_row(x, g, vocab, 0, t, st.m, log_s, smoothing / (float)vocab, 1.0f - smoothing, grad_scale);
 }
 
+// Same arguments and results as cross_entropy_fwd; grid n_rows * CLUSTER blocks of CLUSTER_THREADS, and the row's
+// 16-byte packs (after its unaligned head) at most CLUSTER * CLUSTER_BLOCK_PACKS (the host checks both).
+template <typename T, int CLUSTER>
+__global__ void TESSERA_LOSS_CLUSTER(CLUSTER)
+__launch_bounds__(tessera_loss::CLUSTER_THREADS, tessera_loss::CLUSTER_MIN_BLOCKS)
+cross_entropy_fwd_cluster(const T *logits, const long long *targets, float *loss, float *row_max,
+                          float *row_logsum, T *grad, long long n_rows, long long vocab, long long ignore_index,
+                          float smoothing, float grad_scale, int write_grad) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    using namespace tessera_loss;
+    constexpr int N = Pack<T>::N;
+    const long long row = blockIdx.x / CLUSTER;
+    const int rank = blockIdx.x % CLUSTER;  // the block's rank in its (1-D) cluster
+    const int tid = threadIdx.x;
+    if (row >= n_rows) return;  // never: the grid is exactly n_rows clusters, and a cluster shares its row
+    const T *x = logits + row * vocab;
+    T *g = grad + row * vocab;
+    const long long t = targets[row];
+    const RowSplit<T> split(x, vocab);
+    // This block's share: packs [p0, p1) of the row's body, plus the head (rank 0) and the tail (last rank).
+    const int packs = (int)split.packs, per = (packs + CLUSTER - 1) / CLUSTER;
+    const int p0 = min(packs, rank * per), p1 = min(packs, p0 + per);
+    const int head = (int)split.head, tail = (int)(vocab - split.tail_start);
+    const bool has_head = rank == 0 && tid < head, has_tail = rank == CLUSTER - 1 && tid < tail;
+    const int mine = p1 - p0 > tid ? (p1 - p0 - tid + CLUSTER_THREADS - 1) / CLUSTER_THREADS : 0;  // my packs
+    const T *body = x + head;
+    T *gbody = g + head;
+
+    if (t == ignore_index || t < 0 || t >= vocab) {
+        const float v = t == ignore_index ? 0.0f : quiet_nan();
+        if (rank == 0 && tid == 0) { loss[row] = v; row_max[row] = v; row_logsum[row] = v; }
+        if (write_grad) {
+            float f[N];
+#pragma unroll
+            for (int k = 0; k < N; ++k) f[k] = v;
+            Pack<T> fill;
+            fill.from_float(f);
+#pragma unroll
+            for (int k = 0; k < CLUSTER_PACKS; ++k)
+                if (k < mine) fill.store(gbody + (long long)(p0 + tid + k * CLUSTER_THREADS) * N);
+            if (has_head) g[tid] = from_float<T>(v);
+            if (has_tail) g[split.tail_start + tid] = from_float<T>(v);
+        }
+        return;
+    }
+
+    // Every load first (independent, all in flight), then the math.
+    Pack<T> p[CLUSTER_PACKS];
+#pragma unroll
+    for (int k = 0; k < CLUSTER_PACKS; ++k)
+        if (k < mine) p[k].load(body + (long long)(p0 + tid + k * CLUSTER_THREADS) * N);
+    const float head_v = has_head ? to_float(x[tid]) : neg_inf();
+    const float tail_v = has_tail ? to_float(x[split.tail_start + tid]) : neg_inf();
+    const float xt = rank == 0 && tid == 0 ? to_float(x[t]) : 0.0f;  // before any gradient overwrites the row
+
+    // This thread's (max, sum of exp(x - max), sum), from registers: no online rescaling needed.
+    float top = fmaxf(head_v, tail_v);
+#pragma unroll
+    for (int k = 0; k < CLUSTER_PACKS; ++k) {
+        if (k < mine) {
+            float v[N];
+            p[k].to_float(v);
+#pragma unroll
+            for (int i = 0; i < N; ++i) top = fmaxf(top, v[i]);
+        }
+    }
+    RowStats st;
+    st.m = top;
+    if (top != neg_inf()) {  // else every value is -inf (or there is none): s and sum stay 0 (sum: see below)
+        float s = 0.0f, sum = 0.0f;
+        if (has_head) { s += ex2_ftz((head_v - top) * LOG2E); sum += head_v; }
+        if (has_tail) { s += ex2_ftz((tail_v - top) * LOG2E); sum += tail_v; }
+#pragma unroll
+        for (int k = 0; k < CLUSTER_PACKS; ++k) {
+            if (k < mine) {
+                float v[N];
+                p[k].to_float(v);
+#pragma unroll
+                for (int i = 0; i < N; ++i) { s += ex2_ftz((v[i] - top) * LOG2E); sum += v[i]; }
+            }
+        }
+        st.s = s;
+        st.sum = sum;
+    } else if (has_head || has_tail || mine > 0) {
+        st.sum = neg_inf();  // the values are all -inf: so is their sum
+    }
+    st = block_merge(st);
+
+    if constexpr (CLUSTER > 1) {
+        __shared__ float block_stats[3];
+        if (tid == 0) { block_stats[0] = st.m; block_stats[1] = st.s; block_stats[2] = st.sum; }
+        cluster_arrive();
+        cluster_wait();
+        // Each warp merges the CLUSTER blocks' partials (lane r reads block r's), in the same order everywhere.
+        const int lane = tid % WARP;
+        RowStats all;
+        if (lane < CLUSTER) {
+            all.m = load_cluster_shared(&block_stats[0], lane);
+            all.s = load_cluster_shared(&block_stats[1], lane);
+            all.sum = load_cluster_shared(&block_stats[2], lane);
+        }
+        cluster_arrive();  // done reading the other blocks' shared memory; the matching wait is before exit
+#pragma unroll
+        for (int off = CLUSTER / 2; off > 0; off >>= 1)
+            all.merge(__shfl_xor_sync(0xffffffffu, all.m, off), __shfl_xor_sync(0xffffffffu, all.s, off),
+                      __shfl_xor_sync(0xffffffffu, all.sum, off));
+        st.m = __shfl_sync(0xffffffffu, all.m, 0);
+        st.s = __shfl_sync(0xffffffffu, all.s, 0);
+        st.sum = __shfl_sync(0xffffffffu, all.sum, 0);
+    }
+
+    const float log_s = logf(st.s);
+    if (rank == 0 && tid == 0) {
+        float l = log_s + (1.0f - smoothing) * (st.m - xt);
+        if (smoothing != 0.0f) l += smoothing * (st.m - st.sum / (float)vocab);
+        loss[row] = l;
+        row_max[row] = st.m;
+        row_logsum[row] = log_s;
+    }
+    if (write_grad) {
+        // grad = exp((x - m) - log_s) * scale - eps/V * scale, and - (1 - eps) * scale at the target.
+        const float m = st.m, ls2 = log_s * LOG2E, eps_scaled = smoothing / (float)vocab * grad_scale;
+        const float hit_scaled = (1.0f - smoothing) * grad_scale;
+        const long long at_body = t - head;  // the target's place in the body (negative: in the head)
+        const int t_pack = at_body >= 0 ? (int)(at_body / N) : -1, t_lane = at_body >= 0 ? (int)(at_body % N) : -1;
+#pragma unroll
+        for (int k = 0; k < CLUSTER_PACKS; ++k) {
+            if (k < mine) {
+                const int i = p0 + tid + k * CLUSTER_THREADS;
+                float v[N];
+                p[k].to_float(v);
+#pragma unroll
+                for (int e = 0; e < N; ++e) v[e] = ex2_ftz((v[e] - m) * LOG2E - ls2) * grad_scale - eps_scaled;
+                if (i == t_pack) {
+#pragma unroll
+                    for (int e = 0; e < N; ++e)
+                        if (e == t_lane) v[e] -= hit_scaled;
+                }
+                p[k].from_float(v);
+                p[k].store(gbody + (long long)i * N);
+            }
+        }
+        if (has_head) {
+            const float v = ex2_ftz((head_v - m) * LOG2E - ls2) * grad_scale - eps_scaled;
+            g[tid] = from_float<T>(tid == t ? v - hit_scaled : v);
+        }
+        if (has_tail) {
+            const long long j = split.tail_start + tid;
+            const float v = ex2_ftz((tail_v - m) * LOG2E - ls2) * grad_scale - eps_scaled;
+            g[j] = from_float<T>(j == t ? v - hit_scaled : v);
+        }
+    }
+    if constexpr (CLUSTER > 1) tessera_loss::cluster_wait();  // no block leaves while others may read its stats
+#else
+    __trap();  // clusters need compute capability 9.0; the host never launches this on older GPUs
+#endif
+}
+
 // logits [n_rows, n_cols] row-major: columns col0 .. col0 + n_cols - 1 of rows with `vocab` classes.
 // grad [n_rows, n_cols] (may be logits) = (softmax - q) * base_scale * row_scale[row * scale_stride].
 template <typename T>
@@ -265,29 +541,42 @@ cross_entropy_bwd(const T *logits, const long long *targets, const float *row_ma
                    1.0f - smoothing, scale);
 }
 
-// x [n_rows, n_cols] row-major; x[row, :] *= g[row * g_stride], skipped where the factor is exactly 1.
+// x [n_rows, n_cols] row-major; x[row, :] *= g[row * g_stride], skipped where the factor is exactly 1. Any grid:
+// blocks stride over the rows.
 template <typename T>
 __global__ void scale_rows(T *x, const float *g, long long n_rows, long long n_cols, long long g_stride) {
     using namespace tessera_loss;
-    const long long row = blockIdx.x;
-    if (row >= n_rows) return;
-    const float s = g[row * g_stride];
-    if (s == 1.0f) return;
-    T *r = x + row * n_cols;
-    const RowSplit<T> split(r, n_cols);
-    if (threadIdx.x < split.head) r[threadIdx.x] = from_float<T>(to_float(r[threadIdx.x]) * s);
-    T *body = r + split.head;
-    for (long long i = threadIdx.x; i < split.packs; i += blockDim.x) {
-        constexpr int N = Pack<T>::N;
-        Pack<T> p;
-        p.load(body + i * N);
-        float v[N];
-        p.to_float(v);
-#pragma unroll
-        for (int k = 0; k < N; ++k) v[k] *= s;
-        p.from_float(v);
-        p.store(body + i * N);
+    for (long long row = blockIdx.x; row < n_rows; row += gridDim.x) {
+        const float s = g[row * g_stride];
+        if (s != 1.0f) scale_row(x + row * n_cols, n_cols, s);
     }
-    const long long j = split.tail_start + threadIdx.x;
-    if (j < n_cols) r[j] = from_float<T>(to_float(r[j]) * s);
+}
+
+// targets [n] int64; out[0] = targets != ignore_index, out[1] = those outside [0, n_classes). One block, any
+// multiple of 32 threads up to MAX_THREADS, striding over the targets (so no zeroing and no atomics).
+extern "C" __global__ void count_targets(const long long *targets, long long n, long long n_classes,
+                                         long long ignore_index, unsigned long long *out) {
+    using namespace tessera_loss;
+    __shared__ unsigned long long partial[2][WARP];
+    unsigned long long counted = 0, bad = 0;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+        const long long t = targets[i];
+        if (t != ignore_index) {
+            ++counted;
+            bad += t < 0 || t >= n_classes;
+        }
+    }
+#pragma unroll
+    for (int off = WARP / 2; off > 0; off >>= 1) {
+        counted += __shfl_xor_sync(0xffffffffu, counted, off);
+        bad += __shfl_xor_sync(0xffffffffu, bad, off);
+    }
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    if (lane == 0) { partial[0][warp] = counted; partial[1][warp] = bad; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x / WARP); ++w) { counted += partial[0][w]; bad += partial[1][w]; }
+        out[0] = counted;
+        out[1] = bad;
+    }
 }

@@ -9,7 +9,8 @@
 // owns vectors t + k * blockDim.x, k < NV, and keeps them in registers as loaded (packed, not widened to float);
 // vectors beyond NV * blockDim.x (only rows longer than the host's threads can hold) are read twice, the second
 // time mostly from L2.
-// Blocks are persistent: the host launches about one wave of resident blocks and each walks its rows grid-stride.
+// Blocks are persistent: the host launches about one wave of resident blocks (the forward up to eight: blocks of
+// later waves even out SMs that stream slower; norm.py's FORWARD_WAVES) and each walks its rows grid-stride.
 // So a block reads its weight vectors once, and it loads the rows after the current one while the current row is
 // reduced and written: a memory-bound kernel needs those bytes in flight, and a reduction between the load and the
 // store of a row would otherwise leave the memory idle. The rows ahead wait in registers (STAGES - 1 of them), or,

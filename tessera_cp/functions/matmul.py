@@ -24,43 +24,83 @@ def matmul(a, b):
 # cuBLAS data types (cudaDataType) by storage dtype, and CUBLAS_COMPUTE_32F / CUBLAS_GEMM_DEFAULT.
 _CUDA_DATA_TYPE = {numpy.dtype(numpy.float32): 0, numpy.dtype(numpy.float16): 2, dtypes.bf16.storage: 14}
 _COMPUTE_32F, _GEMM_DEFAULT = 68, -1
+_OP_N, _OP_T, _POINTER_MODE_HOST = 0, 1, 0
 _ALPHA_BETA = (numpy.ones(1, numpy.float32), numpy.zeros(1, numpy.float32))  # host scalars cuBLAS reads
 
 
-def linear_rows(x, weight, out=None, accumulate=False):
-    """out[M, N] = x[M, K] @ weight[N, K].T, or out += that with ``accumulate`` (a residual added by the GEMM
-    itself, no extra pass). 2-D arrays of one dtype with contiguous rows. On the GPU one cuBLAS GemmEx call with f32
-    accumulation, made directly: CuPy's matmul costs tens of microseconds of host time per call and cannot add into
-    its output, and a prefill makes hundreds of these calls."""
-    xp = backend.array_module(x, weight)
-    M, N = x.shape[0], weight.shape[0]
+def _column_major(a):
+    """(op, leading dimension) under which cuBLAS, reading column-major, sees the row-major matrix a [R, C] as its
+    transpose [C, R]: rows with unit stride (a C-order array or a column slice of one) read as they are, a transposed
+    view (unit stride down the columns) through op T. None for anything else."""
+    item = a.itemsize
+    rows, cols = a.shape
+    if a.strides[1] == item or cols == 1:
+        ld = a.strides[0] // item if rows > 1 else cols
+        if a.strides[0] % item == 0 and ld >= cols:
+            return _OP_N, max(ld, 1)
+    if a.strides[0] == item or rows == 1:
+        ld = a.strides[1] // item if cols > 1 else rows
+        if a.strides[1] % item == 0 and ld >= rows:
+            return _OP_T, max(ld, 1)
+    return None  # broadcast, overlapping or doubly strided: the caller copies
+
+
+def gemm(a, b, out=None, accumulate=False):
+    """out[M, N] = a[M, K] @ b[K, N], or out += a @ b with ``accumulate`` (the GEMM adds into out itself: a fused
+    residual, or a gradient summed over chunks, with no [M, N] temporary; rounded to out's dtype once per call).
+    2-D arrays of one dtype; a and b may be transposed views or column slices, out needs unit-stride rows. On the GPU
+    (f32, f16, bf16) one cuBLAS GemmEx call with f32 arithmetic, made directly: CuPy's matmul costs tens of
+    microseconds of host time per call and cannot add into its output. Elsewhere, matmul."""
+    xp = backend.array_module(a, b)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ShapeError(f"gemm: a [M, K] and b [K, N], got {a.shape} and {b.shape}")
+    M, K, N = a.shape[0], a.shape[1], b.shape[1]
     if out is None:
-        out = xp.empty((M, N), dtype=x.dtype)
-    if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1] or out.shape != (M, N):
-        raise ShapeError(f"linear_rows: x [M, K], weight [N, K] and out [M, N], got {x.shape}, {weight.shape} "
-                         f"and {out.shape}")
-    if xp.__name__ != "cupy" or x.dtype not in _CUDA_DATA_TYPE or not x.dtype == weight.dtype == out.dtype:
-        product = matmul(x, weight.T)
+        out = xp.empty((M, N), dtype=a.dtype)
+    if out.shape != (M, N):
+        raise ShapeError(f"gemm: out must be [M, N] = [{M}, {N}], got {out.shape}")
+    if xp.__name__ != "cupy" or a.dtype not in _CUDA_DATA_TYPE or not a.dtype == b.dtype == out.dtype:
+        product = matmul(a, b)
         if accumulate:
             out += product
         else:
             out[...] = product
         return out
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        if not accumulate:
+            out.fill(0)
+        return out
+    a = a if _column_major(a) else xp.ascontiguousarray(a)
+    b = b if _column_major(b) else xp.ascontiguousarray(b)
+    layout_out = _column_major(out)
+    if layout_out is None or layout_out[0] != _OP_N:
+        raise ShapeError(f"gemm: out needs unit-stride rows, got strides {out.strides}")
+    (op_a, ld_a), (op_b, ld_b) = _column_major(a), _column_major(b)
     from cupy.cuda import device
     from cupy_backends.cuda.libs import cublas
-    for a in (x, weight, out):
-        if a.strides[1] != a.itemsize or a.strides[0] % a.itemsize:
-            raise ShapeError(f"linear_rows: 2-D operands need unit-stride rows, got strides {a.strides}")
-    K = x.shape[1]
     handle = device.get_cublas_handle()
     cublas.setStream(handle, xp.cuda.get_current_stream().ptr)
-    kind = _CUDA_DATA_TYPE[x.dtype]
-    # Row-major out[M, N] is column-major out^T[N, M] = weight (as column-major [K, N], transposed) @ x^T.
-    cublas.gemmEx(handle, 1, 0, N, M, K, _ALPHA_BETA[0].ctypes.data, weight.data.ptr, kind,
-                  weight.strides[0] // weight.itemsize, x.data.ptr, kind, x.strides[0] // x.itemsize,
-                  _ALPHA_BETA[0 if accumulate else 1].ctypes.data, out.data.ptr, kind, out.strides[0] // out.itemsize,
-                  _COMPUTE_32F, _GEMM_DEFAULT)
+    mode = cublas.getPointerMode(handle)
+    if mode != _POINTER_MODE_HOST:
+        cublas.setPointerMode(handle, _POINTER_MODE_HOST)
+    kind = _CUDA_DATA_TYPE[a.dtype]
+    try:  # column-major, out^T [N, M] = b^T a^T: cuBLAS's first operand is b
+        cublas.gemmEx(handle, op_b, op_a, N, M, K, _ALPHA_BETA[0].ctypes.data, b.data.ptr, kind, ld_b,
+                      a.data.ptr, kind, ld_a, _ALPHA_BETA[0 if accumulate else 1].ctypes.data, out.data.ptr, kind,
+                      layout_out[1], _COMPUTE_32F, _GEMM_DEFAULT)
+    finally:
+        if mode != _POINTER_MODE_HOST:
+            cublas.setPointerMode(handle, mode)
     return out
+
+
+def linear_rows(x, weight, out=None, accumulate=False):
+    """out[M, N] (+)= x[M, K] @ weight[N, K].T: ``gemm`` in the linear-layer layout."""
+    if x.ndim != 2 or weight.ndim != 2:
+        raise ShapeError(f"linear_rows: x [M, K] and weight [N, K], got {x.shape} and {weight.shape}")
+    return gemm(x, weight.T, out=out, accumulate=accumulate)
 
 
 class MatMul(Function):

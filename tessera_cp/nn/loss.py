@@ -6,13 +6,15 @@ the leading shape. Label smoothing is PyTorch's: the target distribution is ``(1
 row's loss is ``(1 - eps) * -log p_t + eps * mean_j(-log p_j)``. Rows whose target is ``ignore_index`` add nothing;
 "mean" divides by the number of counted rows and is 0 (not NaN) when none is counted. Targets outside ``[0, V)``
 (other than ``ignore_index``) raise ``IndexOutOfRangeError`` before anything reads the logits: the check runs on the
-host, one small reduction and one device-to-host copy per call (a kernel would read out of bounds otherwise; the
+host, after one small kernel and one device-to-host copy per call (a kernel would read out of bounds otherwise; the
 kernel also guards itself, giving NaN rather than reading outside the row).
 
 How the gradient is made: when the logits need a gradient, the forward computes it too, for an upstream gradient of
-1, in the same pass over the logits (on the GPU one kernel reads each row once for its max and sum and writes
-``softmax - q`` on a second, L2-resident pass); the backward only scales it by the upstream gradient (a kernel that
-skips rows whose factor is exactly 1: for the usual ``loss.backward()`` this op's backward moves no memory).
+1, in the same pass over the logits (on a Hopper GPU one kernel reads each row from memory exactly once, splitting
+it over a cluster of blocks that hold it in registers, and writes ``softmax - q`` from there; elsewhere, and for
+rows it cannot hold, a kernel re-reads each row from L2 for the gradient); the backward only scales it by the
+upstream gradient (a kernel that skips rows whose factor is exactly 1: for the usual ``loss.backward()`` this op's
+backward moves no memory).
 ``inplace_backward=True`` writes that gradient over the logits' own memory during the forward (saving one [N, V]
 buffer; do not read the logits afterwards; not allowed inside a checkpoint region, whose backward recomputes the
 forward from those logits). The saved gradient is handed out once: a second backward through the same loss raises.
@@ -28,15 +30,21 @@ import numpy
 from .. import autograd, backend, dtypes
 from ..autograd import Function
 from ..errors import DeviceError, DTypeError, IndexOutOfRangeError, ShapeError, TesseraError
-from ..functions.matmul import matmul
+from ..functions.matmul import gemm, matmul
 from ..precision import accumulate_storage, compute_dtype
 from ..tensor import Tensor, tensor
 
 REDUCTIONS = ("mean", "sum", "none")
 MAX_THREADS = 1024       # loss.cu's MAX_THREADS (its __launch_bounds__)
 LOADS_IN_FLIGHT = 4      # loss.cu's LOADS_IN_FLIGHT: packs of 16 bytes a thread loads per step
+CLUSTER_THREADS = 256    # loss.cu's CLUSTER_THREADS: cross_entropy_fwd_cluster's block size
+CLUSTER_PACKS = 16       # loss.cu's CLUSTER_PACKS: 16-byte packs of the row each of its threads holds
+MAX_CLUSTER = 8          # the largest cluster loss.cu instantiates (the portable limit)
+CLUSTER_MIN_ROW_BYTES = CLUSTER_THREADS * 16  # shorter rows (under one pack per thread) take the one-block kernel
 SCALE_THREADS = 256
-CHUNK_BYTES = 256 << 20  # fused linear cross-entropy: the largest slice of logits it holds at once
+COUNT_THREADS = 1024     # count_targets: one block
+SCALE_BLOCKS = 1024      # scale_rows' blocks for one scalar factor (they stride over the rows)
+CHUNK_BYTES = 256 << 20  # fused linear cross-entropy: the largest chunk of logits it holds at once
 _NO_IGNORE = int(numpy.iinfo(numpy.int64).min)  # no valid target equals it (negatives are rejected)
 _CTYPES = {numpy.dtype(numpy.float32): "float", numpy.dtype(numpy.float16): "__half",
            dtypes.bf16.storage: "__nv_bfloat16"}
@@ -58,16 +66,55 @@ def _threads(n_cols, itemsize):
     return int(min(MAX_THREADS, max(32, 32 * warps)))
 
 
-def _kernel(name, dtype):
+def _kernel(name, dtype=None, *params):
+    """(runtime, kernel) of loss.cu: the plain name, or the template instantiated for dtype (and params)."""
     from ..cuda import runtime
-    return runtime, runtime.get_kernel("loss.cu", f"{name}<{_CTYPES[numpy.dtype(dtype)]}>")
+    if dtype is None:
+        return runtime, runtime.get_kernel("loss.cu", name)
+    args = ", ".join((_CTYPES[numpy.dtype(dtype)],) + tuple(str(p) for p in params))
+    return runtime, runtime.get_kernel("loss.cu", f"{name}<{args}>")
 
 
-def _grid(rows):
-    """One block per row: the grid's x dimension holds at most 2^31 - 1."""
-    if rows >= 2 ** 31:
-        raise ShapeError(f"the CUDA loss kernels take at most 2^31 - 1 rows, got {rows}")
-    return (int(rows),)
+_CLUSTER_DEVICES = {}  # device id -> whether it runs thread-block clusters
+
+
+def _has_clusters(x):
+    """Whether x lives on a GPU with thread-block clusters (compute capability 9.0 or newer)."""
+    if not backend.is_cupy_array(x):
+        return False
+    device = x.device
+    if device.id not in _CLUSTER_DEVICES:
+        _CLUSTER_DEVICES[device.id] = int(device.compute_capability) >= 90
+    return _CLUSTER_DEVICES[device.id]
+
+
+def _cluster_size(x, grad):
+    """Blocks per row for cross_entropy_fwd_cluster (1, 2, 4 or 8), or 0 for the one-block-per-row kernel.
+
+    The cluster kernel takes a gradient's rows of more than CLUSTER_MIN_ROW_BYTES that MAX_CLUSTER blocks can hold
+    (256k bf16 or 128k f32 logits), on a GPU with clusters, when the gradient buffer has the logits' 16-byte
+    alignment. Without a gradient the one-block kernel reads each row once anyway, and measured faster."""
+    row_bytes = x.shape[1] * x.itemsize
+    if grad is None or row_bytes <= CLUSTER_MIN_ROW_BYTES or not _has_clusters(x):
+        return 0
+    if (grad.data.ptr - x.data.ptr) % 16:
+        return 0
+    packs, size = row_bytes // 16, 1  # packs: at least the row's whole aligned packs
+    while size * CLUSTER_THREADS * CLUSTER_PACKS < packs:
+        size *= 2
+    return size if size <= MAX_CLUSTER else 0
+
+
+def _targets_on_gpu(flat):
+    """Whether count_targets checks these int64 targets: a CuPy array, TESSERA_REFERENCE not set."""
+    return backend.is_cupy_array(flat) and not backend.reference_forced()
+
+
+def _grid(blocks):
+    """A 1-D grid of blocks (one or a cluster per row): the grid's x dimension holds at most 2^31 - 1."""
+    if blocks >= 2 ** 31:
+        raise ShapeError(f"the CUDA loss kernels launch at most 2^31 - 1 blocks, got {blocks} (rows x blocks per row)")
+    return (int(blocks),)
 
 
 # ----------------------------------------------------------------------------------------------- row operations
@@ -103,17 +150,24 @@ def _rows_forward_reference(x, targets, ignore_index, smoothing, grad, grad_scal
     return loss, m[:, 0], log_s
 
 
-def _rows_forward_kernel(x, targets, ignore_index, smoothing, grad, grad_scale, out=None):
-    """The CUDA path of _rows_forward; ``out`` (three f32 [N] arrays) lets tests hand in NaN-poisoned outputs."""
+def _rows_forward_kernel(x, targets, ignore_index, smoothing, grad, grad_scale, out=None, cluster=None):
+    """The CUDA path of _rows_forward; ``out`` (three f32 [N] arrays) lets tests hand in NaN-poisoned outputs;
+    ``cluster``: None picks the kernel (_cluster_size), 0 forces the one-block-per-row kernel, 1/2/4/8 the cluster
+    kernel with that many blocks per row (tests and benchmarks)."""
     xp = backend.array_module(x)
     n, v = x.shape
     loss, m, log_s = out if out is not None else (xp.empty(n, dtype=numpy.float32) for _ in range(3))
     if n:
-        runtime, kernel = _kernel("cross_entropy_fwd", x.dtype)
-        runtime.launch(kernel, _grid(n), (_threads(v, x.itemsize),),
-                       (x, targets, loss, m, log_s, x if grad is None else grad, numpy.int64(n), numpy.int64(v),
-                        numpy.int64(ignore_index), numpy.float32(smoothing), numpy.float32(grad_scale),
-                        numpy.int32(grad is not None)))
+        size = _cluster_size(x, grad) if cluster is None else cluster
+        args = (x, targets, loss, m, log_s, x if grad is None else grad, numpy.int64(n), numpy.int64(v),
+                numpy.int64(ignore_index), numpy.float32(smoothing), numpy.float32(grad_scale),
+                numpy.int32(grad is not None))
+        if size:
+            runtime, kernel = _kernel("cross_entropy_fwd_cluster", x.dtype, size)
+            runtime.launch(kernel, _grid(n * size), (CLUSTER_THREADS,), args)
+        else:
+            runtime, kernel = _kernel("cross_entropy_fwd", x.dtype)
+            runtime.launch(kernel, _grid(n), (_threads(v, x.itemsize),), args)
     return loss, m, log_s
 
 
@@ -157,7 +211,8 @@ def _scale_rows(x, g, per_row):
         xp = backend.array_module(x)
         factor = xp.ascontiguousarray(g.reshape(-1), dtype=numpy.float32)
         runtime, kernel = _kernel("scale_rows", x.dtype)
-        runtime.launch(kernel, _grid(x.shape[0]), (SCALE_THREADS,),
+        blocks = x.shape[0] if per_row else min(x.shape[0], SCALE_BLOCKS)
+        runtime.launch(kernel, _grid(blocks), (SCALE_THREADS,),
                        (x, factor, numpy.int64(x.shape[0]), numpy.int64(x.shape[1]), numpy.int64(1 if per_row else 0)))
         return x
     xp = backend.array_module(x)
@@ -226,12 +281,20 @@ def _ignore_value(ignore_index):
 def _count_targets(flat, n_classes, ignore, shape, name):
     """The number of counted (not ignored) targets; IndexOutOfRangeError for any other outside [0, n_classes).
 
-    One reduction and one device-to-host copy; the offending entry is looked up only when there is one."""
+    On the GPU one small kernel (count_targets) and one device-to-host copy: the host waits for them, so the fewer
+    launches before it the shorter the GPU's idle gap. The offending entry is looked up only when there is one."""
     xp = backend.array_module(flat)
-    counted = flat != ignore
-    bad = counted & ((flat < 0) | (flat >= n_classes))
-    count, n_bad = (int(v) for v in backend.to_device(xp.stack([counted.sum(), bad.sum()]), "cpu"))
+    if _targets_on_gpu(flat):
+        out = xp.empty(2, dtype=numpy.uint64)
+        runtime, kernel = _kernel("count_targets")
+        runtime.launch(kernel, (1,), (COUNT_THREADS,), (flat, numpy.int64(flat.size), numpy.int64(n_classes),
+                                                         numpy.int64(ignore), out))
+        count, n_bad = (int(v) for v in backend.to_device(out, "cpu"))
+    else:
+        counted = flat != ignore
+        count, n_bad = int(counted.sum()), int((counted & ((flat < 0) | (flat >= n_classes))).sum())
     if n_bad:
+        bad = (flat != ignore) & ((flat < 0) | (flat >= n_classes))
         first = int(xp.argmax(bad))
         where = numpy.unravel_index(first, shape) if shape else ()
         allowed = f"[0, {n_classes})" + ("" if ignore == _NO_IGNORE else f" or ignore_index={ignore}")
@@ -287,7 +350,8 @@ def stable_cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0
     smoothing = _check_smoothing(label_smoothing)
     ignore = _ignore_value(ignore_index)
     logits = _upcast(logits)
-    flat = target_array.reshape(-1).astype(numpy.int64)
+    # Read during this call only, so no copy when the targets already are contiguous int64 (the kernels need that).
+    flat = backend.array_module(target_array).ascontiguousarray(target_array.reshape(-1), dtype=numpy.int64)
     count = _count_targets(flat, logits.shape[-1], ignore, target_array.shape, "stable_cross_entropy")
     need_grad = autograd.is_grad_enabled() and logits.requires_grad
     if inplace_backward and need_grad and getattr(autograd._state, "region", None) is not None:
@@ -453,6 +517,7 @@ def stable_contrastive_loss(embeddings, labels, temperature=0.07, normalize=True
 
 
 # ----------------------------------------------------------------------------------------------- fused linear CE
+
 def _slice_logits(h, weight, bias, v0, v1):
     """h @ weight[v0:v1].T (+ bias[v0:v1]): one slice of the logits, C-contiguous."""
     out = matmul(h, weight[v0:v1].T)
@@ -461,76 +526,65 @@ def _slice_logits(h, weight, bias, v0, v1):
     return out
 
 
-def _vocab_sweep(h, weight, bias, targets, m, log_s, ignore, smoothing, cols, base_scale, row_scale,
-                 need_weight, need_bias):
-    """Weight and bias gradients, a vocabulary slice at a time: each slice's logits for all N rows are recomputed,
-    turned into their gradient from the saved (m, log_s), and multiplied by h in one GEMM over all N (no partial
-    sums across chunks, so the result is rounded once, as the unfused path's)."""
+def _chunk_sweep(h, weight, bias, targets, ignore, smoothing, rows, need, scale, stats=None, row_scale=None):
+    """One pass over chunks of ``rows`` rows of h [N, D]. Per chunk: its logits [rows, V] = h_c @ weight.T (+ bias);
+    then either the fused forward kernel (``stats`` None: the rows' loss, m and log_s, and, when a gradient is
+    needed, dlogits written over the logits, scaled by ``scale``) or the backward kernel from the saved
+    ``stats`` = (m, log_s), scaled by scale * row_scale; then grad_h[chunk] = dlogits @ weight, grad_w += dlogits.T
+    @ h_c (a GEMM that adds into grad_w: the first chunk writes it) and the bias gradient's f32 column sums.
+    ``need``: which of (grad_h, grad_w, grad_b) to make. Returns (loss, m, log_s, grad_h, grad_w, grad_b)."""
     xp = backend.array_module(h)
-    vocab = weight.shape[0]
-    grad_w = xp.empty(weight.shape, dtype=weight.dtype) if need_weight else None
-    grad_b = xp.empty(bias.shape, dtype=bias.dtype) if need_bias else None
-    for v0 in range(0, vocab, cols):
-        v1 = min(vocab, v0 + cols)
-        logits = _slice_logits(h, weight, bias, v0, v1)
-        _rows_backward(logits, targets, m, log_s, v0, vocab, ignore, smoothing, logits, base_scale, row_scale)
-        if need_weight:
-            grad_w[v0:v1] = matmul(logits.T, h)
-        if need_bias:
-            grad_b[v0:v1] = logits.sum(axis=0, dtype=accumulate_storage(logits.dtype))
+    n, vocab = h.shape[0], weight.shape[0]
+    acc = accumulate_storage(h.dtype)
+    need_h, need_w, need_b = need
+    if stats is None:
+        loss, m, log_s = (xp.empty(n, dtype=acc) for _ in range(3))
+    else:
+        loss, (m, log_s) = None, stats
+    grad_h = xp.empty(h.shape, dtype=h.dtype) if need_h else None
+    grad_w = (xp.zeros if n == 0 else xp.empty)(weight.shape, dtype=weight.dtype) if need_w else None
+    sum_b = xp.zeros(vocab, dtype=acc) if need_b else None
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        logits = _slice_logits(h[r0:r1], weight, bias, 0, vocab)
+        if stats is None:
+            rows_loss, rows_m, rows_log_s = _rows_forward(logits, targets[r0:r1], ignore, smoothing,
+                                                          logits if any(need) else None, scale)
+            loss[r0:r1], m[r0:r1], log_s[r0:r1] = rows_loss, rows_m, rows_log_s
+        else:
+            _rows_backward(logits, targets[r0:r1], m[r0:r1], log_s[r0:r1], 0, vocab, ignore, smoothing, logits,
+                           scale, None if row_scale is None else row_scale[r0:r1])
+        if need_h:
+            gemm(logits, weight, grad_h[r0:r1])
+        if need_w:
+            gemm(logits.T, h[r0:r1], grad_w, accumulate=r0 > 0)
+        if need_b:
+            sum_b += logits.sum(axis=0, dtype=acc)
         del logits
-    return grad_w, grad_b
-
-
-def _hidden_sweep(h, weight, bias, targets, m, log_s, ignore, smoothing, rows, row_scale):
-    """The hidden gradient for a per-row upstream gradient, a chunk of rows at a time (logits recomputed)."""
-    xp = backend.array_module(h)
-    grad_h = xp.empty(h.shape, dtype=h.dtype)
-    for r0 in range(0, h.shape[0], rows):
-        r1 = min(h.shape[0], r0 + rows)
-        logits = _slice_logits(h[r0:r1], weight, bias, 0, weight.shape[0])
-        _rows_backward(logits, targets[r0:r1], m[r0:r1], log_s[r0:r1], 0, weight.shape[0], ignore, smoothing,
-                       logits, 1.0, row_scale[r0:r1])
-        grad_h[r0:r1] = matmul(logits, weight)
-        del logits
-    return grad_h
+    grad_b = sum_b.astype(bias.dtype, copy=False) if need_b else None
+    return loss, m, log_s, grad_h, grad_w, grad_b
 
 
 class FusedLinearCrossEntropy(Function):
     """cross_entropy(hidden @ weight.T + bias, targets) without the [N, V] logits.
 
-    Forward: chunks of ``rows`` rows: their logits [rows, V], the fused cross-entropy kernel (loss, row stats and, for
-    "mean"/"sum", the gradient in place), then grad_hidden for those rows = dlogits @ weight (one GEMM over all V).
-    The weight/bias gradients come from a second sweep over vocabulary slices of ``cols`` columns (see
-    _vocab_sweep). For "none" the upstream gradient differs per row, so both sweeps wait for the backward.
+    One sweep over chunks of ``rows`` rows (_chunk_sweep). For "mean"/"sum" it runs in the forward and makes every
+    gradient then, for an upstream gradient of 1 (the backward only scales them); for "none" the upstream gradient
+    differs per row, so the forward makes the loss and row statistics and the backward sweeps again (the logits
+    recomputed) with the per-row scales.
     """
 
     def forward(self, hidden, weight, bias, targets, target_shape=(), count=0, ignore_index=_NO_IGNORE,
-                smoothing=0.0, reduction="mean", rows=1024, cols=16384, need=(False, False, False)):
+                smoothing=0.0, reduction="mean", rows=1024, need=(False, False, False)):
         xp = backend.array_module(hidden)
         h = xp.ascontiguousarray(hidden.reshape(-1, hidden.shape[-1]))
-        n, vocab = h.shape[0], weight.shape[0]
-        acc = accumulate_storage(h.dtype)
-        loss, m, log_s = (xp.empty(n, dtype=acc) for _ in range(3))
-        need_h, need_w, need_b = need
         grads_now = any(need) and reduction != "none"
         scale = 1.0 / count if reduction == "mean" and count else 1.0
-        grad_h = xp.empty(h.shape, dtype=h.dtype) if grads_now and need_h else None
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            logits = _slice_logits(h[r0:r1], weight, bias, 0, vocab)
-            rows_loss, rows_m, rows_log_s = _rows_forward(logits, targets[r0:r1], ignore_index, smoothing,
-                                                          logits if grads_now else None, scale)
-            loss[r0:r1], m[r0:r1], log_s[r0:r1] = rows_loss, rows_m, rows_log_s
-            if grad_h is not None:
-                grad_h[r0:r1] = matmul(logits, weight)
-            del logits
-        grad_w = grad_b = None
-        if grads_now and (need_w or need_b):
-            grad_w, grad_b = _vocab_sweep(h, weight, bias, targets, m, log_s, ignore_index, smoothing, cols, scale,
-                                          None, need_w, need_b)
+        loss, m, log_s, grad_h, grad_w, grad_b = _chunk_sweep(
+            h, weight, bias, targets, ignore_index, smoothing, rows, need if grads_now else (False, False, False),
+            scale)
         self.hidden_shape, self.reduction, self.need, self.done = hidden.shape, reduction, need, False
-        self.config = (ignore_index, smoothing, rows, cols)
+        self.config = (ignore_index, smoothing, rows)
         if grads_now:
             self.save(grad_h, grad_w, grad_b)
         elif any(need):
@@ -542,15 +596,11 @@ class FusedLinearCrossEntropy(Function):
             raise TesseraError("fused_linear_cross_entropy: its gradients were already handed to an earlier "
                                "backward (the loss back-propagates once); compute the loss again")
         saved, self.saved, self.done = self.saved, (), True
-        need_h, need_w, need_b = self.need
         if self.reduction == "none":
             h, weight, bias, targets, m, log_s = saved
-            ignore, smoothing, rows, cols = self.config
-            row_scale = g.reshape(-1)
-            grad_h = (_hidden_sweep(h, weight, bias, targets, m, log_s, ignore, smoothing, rows, row_scale)
-                      if need_h else None)
-            grad_w, grad_b = (_vocab_sweep(h, weight, bias, targets, m, log_s, ignore, smoothing, cols, 1.0,
-                                           row_scale, need_w, need_b) if need_w or need_b else (None, None))
+            ignore, smoothing, rows = self.config
+            _, _, _, grad_h, grad_w, grad_b = _chunk_sweep(h, weight, bias, targets, ignore, smoothing, rows,
+                                                           self.need, 1.0, stats=(m, log_s), row_scale=g.reshape(-1))
         else:
             grad_h, grad_w, grad_b = saved
             for grad in (grad_h, grad_w, grad_b):
@@ -574,11 +624,20 @@ def fused_linear_cross_entropy(hidden, weight, targets, bias=None, ignore_index=
     """``stable_cross_entropy(hidden @ weight.T + bias, targets, ...)`` without materialising the logits.
 
     hidden [..., D], weight [V, D] (the LM-head layout), bias [V] or None, targets [...] (hidden's shape without D).
-    The loss comes a chunk of ``chunk_size`` rows at a time (logits [chunk, V]); the hidden gradient too, and the
-    weight/bias gradients from vocabulary slices of ``vocab_chunk_size`` columns (logits [N, slice], recomputed:
-    this costs a third more GEMM work than the unfused path, and gives gradients rounded exactly once, as it does).
-    Both sizes default to slices of about CHUNK_BYTES (256 MiB). Peak extra memory: one slice of logits plus the
-    gradients themselves. Same arguments and loss dtype as ``stable_cross_entropy``; the loss back-propagates once.
+    The rows go ``chunk_size`` at a time (default: about CHUNK_BYTES, 256 MiB, of logits): a chunk's logits
+    [chunk, V] are computed, turned into their gradient in place by the fused cross-entropy kernel, and used for the
+    hidden gradient of those rows (dlogits @ weight) and the weight gradient (dlogits.T @ hidden, added into it:
+    3 GEMMs in all, as the unfused path does, no recomputation). Peak extra memory: one chunk of logits plus the
+    gradients themselves.
+
+    Rounding: the hidden gradient is rounded once, as the unfused path's. The weight gradient is accumulated in
+    its own dtype, one GEMM per chunk (f32 arithmetic, ``out += dlogits_c.T @ hidden_c`` with cuBLAS's beta = 1),
+    so for bf16/f16 weights it is rounded once per chunk: ceil(N / chunk_size) times rather than once (an f32
+    accumulator would cost 2 x V x D bytes more). The bias gradient is summed in f32 and rounded once.
+
+    ``vocab_chunk_size`` is accepted (and checked) for compatibility and no longer used: the weight gradient used
+    to come from a second sweep over vocabulary slices that recomputed the logits.
+    Same arguments and loss dtype as ``stable_cross_entropy``; the loss back-propagates once.
     """
     hidden = _float_input(hidden, "hidden")
     weight = _float_input(weight, "weight")
@@ -612,11 +671,10 @@ def fused_linear_cross_entropy(hidden, weight, targets, bias=None, ignore_index=
     n, vocab = int(numpy.prod(hidden.shape[:-1], dtype=numpy.int64)), weight.shape[0]
     itemsize = hidden.dtype.itemsize
     rows = int(chunk_size) if chunk_size else _default_chunk(CHUNK_BYTES, vocab, itemsize, n)
-    cols = int(vocab_chunk_size) if vocab_chunk_size else _default_chunk(CHUNK_BYTES, n, itemsize, vocab)
     flat = target_array.reshape(-1).astype(numpy.int64)
     count = _count_targets(flat, vocab, ignore, target_array.shape, "fused_linear_cross_entropy")
     grad_on = autograd.is_grad_enabled()
     need = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (hidden, weight, bias))
     return FusedLinearCrossEntropy.apply(hidden, weight, bias, flat, target_shape=tuple(target_array.shape),
                                          count=count, ignore_index=ignore, smoothing=smoothing, reduction=reduction,
-                                         rows=rows, cols=cols, need=need)
+                                         rows=rows, need=need)

@@ -35,7 +35,10 @@ def _use_kernel(*arrays):
     """The CUDA fast path runs when every array is a CuPy array of a kernel dtype and TESSERA_REFERENCE != "1"."""
     if os.environ.get("TESSERA_REFERENCE", "") == "1":
         return False
-    return all(backend.is_cupy_array(a) and a.dtype in _KERNEL_TYPES for a in arrays)
+    for a in arrays:   # a loop rather than all(...): this runs on every op's hot path
+        if not (backend.is_cupy_array(a) and a.dtype in _KERNEL_TYPES):
+            return False
+    return True
 
 
 def _kernel_type(dtype):
@@ -159,23 +162,62 @@ def _or_pointers(arrays):
     return bits
 
 
+_forward_launches = {}   # see _launch_forward
+FORWARD_LAUNCHES_KEPT = 1024
+# The forward's grid: up to FORWARD_WAVES waves of resident blocks, each block walking its rows grid-stride. With
+# one wave every block has the same row count and the slowest SM sets the time; with more, the later blocks go to
+# the SMs that finish first. 16384 x 4096 bf16 on the H100 (kernel alone, bench/tune_norm.py, one run): 1 wave
+# 104.9 us, 2: 99.6, 3: 97.0, 4: 95.8, 8: 94.6 (4 rows a block), one row a block 98.1; a copy of the bytes 92.1.
+FORWARD_WAVES = 8
+
+
 def _launch_forward(x, weight, eps, out=None):
-    """y = rms_norm(x) by norm.cu; ``out`` (contiguous, x's shape and dtype) receives it when given."""
+    """y = rms_norm(x) by norm.cu; ``out`` (contiguous, x's shape and dtype) receives it when given.
+
+    Everything but the arrays (kernel, grid, block, shared memory, the scalar arguments) is kept per (shape,
+    dtypes, eps, the pointers' alignment, device), and the kernel is called directly: a caller that waits on each
+    result sees the host's part of a call in full (on the H100's host CuPy's launch alone is about 9 us, against
+    a kernel of about 100 us at 16384 x 4096), so a repeated call adds only a dictionary look-up to CuPy's launch.
+    """
     xp = backend.array_module(x)
     if not x.flags.c_contiguous:
         x = xp.ascontiguousarray(x)
     if not weight.flags.c_contiguous:
         weight = xp.ascontiguousarray(weight)
+    y = xp.empty(x.shape, dtype=x.dtype) if out is None else out
+    key = (x.shape, x.dtype, weight.dtype, eps, (x.data.ptr | y.data.ptr) & 15, weight.data.ptr & 31,
+           xp.cuda.runtime.getDevice())
+    launch = _forward_launches.get(key)
+    if launch is None:
+        if len(_forward_launches) >= FORWARD_LAUNCHES_KEPT:
+            _forward_launches.clear()
+        launch = _forward_launches[key] = _forward_launch(xp, x, weight, eps, y)
+    if not launch:
+        return y
+    kernel, grid, block, smem, scalars = launch
+    args = (x, weight, y) + scalars
+    if os.environ.get("TESSERA_SYNC"):   # runtime.launch synchronizes and reports errors by kernel name
+        runtime.launch(kernel, grid, block, args, shared_mem=smem)
+        return y
+    try:   # runtime.launch's checks of the arguments' types were made once, by _forward_launch
+        kernel(grid, block, args, shared_mem=smem)
+    except (xp.cuda.driver.CUDADriverError, xp.cuda.runtime.CUDARuntimeError) as e:
+        raise TesseraError(f"kernel norm.cu:rms_norm_fwd failed (grid {grid}, block {block}, shared_mem {smem}): "
+                           f"{e}") from e
+    return y
+
+
+def _forward_launch(xp, x, weight, eps, y):
+    """(kernel, grid, block, shared_mem, scalar arguments) of the forward for these arrays; () when x has no rows."""
     D = x.shape[-1]
     rows = x.size // D if D else 0
-    y = xp.empty(x.shape, dtype=x.dtype) if out is None else out
     if rows == 0:
-        return y
+        return ()
     kernel, block, max_grid, smem = _plan(xp, "rms_norm_fwd", x, weight, D, (x, y))
-    grid = _persistent_grid(-(-rows // block[1]), max_grid)
-    runtime.launch(kernel, grid, block, (x, weight, y, numpy.int64(rows), numpy.int32(D), numpy.float32(eps)),
-                   shared_mem=smem)
-    return y
+    if smem > runtime.SMEM_DEFAULT_LIMIT:
+        kernel.max_dynamic_shared_size_bytes = smem
+    grid = _persistent_grid(-(-rows // block[1]), max_grid * FORWARD_WAVES)
+    return kernel, (grid,), block, smem, (numpy.int64(rows), numpy.int32(D), numpy.float32(eps))
 
 
 def _launch_backward(x, weight, g, eps, dx=None, dw=None):

@@ -9,6 +9,7 @@ odd sizes, extreme logits, all-ignored batches and a row index past 2^31 element
 """
 import re
 import tracemalloc
+import types
 
 import numpy
 import pytest
@@ -495,7 +496,8 @@ def _signatures():
     """{kernel: [(is_pointer, base type), ...]} read from loss.cu's definitions."""
     source = (SOURCE_DIR / "loss.cu").read_text()
     out = {}
-    for name in ("cross_entropy_fwd", "cross_entropy_bwd", "scale_rows"):
+    for name in ("cross_entropy_fwd", "cross_entropy_fwd_cluster", "cross_entropy_bwd", "scale_rows",
+                 "count_targets"):
         params = re.search(rf"\b{name}\(([^)]*)\)\s*\{{", source).group(1)
         out[name] = []
         for p in params.split(","):
@@ -505,7 +507,8 @@ def _signatures():
 
 
 _SCALAR = {"long long": numpy.int64, "float": numpy.float32, "int": numpy.int32}
-_POINTEE = {"long long": numpy.dtype(numpy.int64), "float": numpy.dtype(numpy.float32)}
+_POINTEE = {"long long": numpy.dtype(numpy.int64), "float": numpy.dtype(numpy.float32),
+            "unsigned long long": numpy.dtype(numpy.uint64)}
 
 
 class KernelEmulator:
@@ -526,9 +529,18 @@ class KernelEmulator:
                 assert a.dtype == (dtype if base == "T" else _POINTEE[base]), f"{name} argument {i}: {a.dtype}"
             else:
                 assert type(a) is _SCALAR[base], f"{name} argument {i}: {type(a)} for {base}"
-        assert grid == (int(args[6 if name == "cross_entropy_fwd" else 6 if name == "cross_entropy_bwd" else 2]),)
+        if name == "count_targets":  # one block
+            assert grid == (1,) and block == (L.COUNT_THREADS,)
+            return self.count_targets(*args)
+        rows = int(args[2 if name == "scale_rows" else 6])
+        if name == "cross_entropy_fwd_cluster":  # a cluster of 1, 2, 4 or 8 blocks per row
+            assert grid[0] // rows in (1, 2, 4, 8) and grid[0] % rows == 0 and block == (L.CLUSTER_THREADS,)
+        elif name == "scale_rows":  # blocks stride over the rows: one per row for per-row factors, or fewer
+            assert 1 <= grid[0] <= rows
+        else:
+            assert grid == (rows,)
         assert block[0] % 32 == 0 and 32 <= block[0] <= L.MAX_THREADS
-        getattr(self, name)(*args)
+        getattr(self, name.replace("_cluster", ""))(*args)  # the cluster kernel computes the same results
 
     @staticmethod
     def cross_entropy_fwd(x, t, loss, m, log_s, grad, n, v, ignore, eps, scale, write):
@@ -561,6 +573,12 @@ class KernelEmulator:
             out[r] = g * float(base) * float(row_scale[r * stride])
 
     @staticmethod
+    def count_targets(t, n, n_classes, ignore, out):
+        counted = t[:int(n)] != ignore
+        out[0] = counted.sum()
+        out[1] = (counted & ((t[:int(n)] < 0) | (t[:int(n)] >= n_classes))).sum()
+
+    @staticmethod
     def scale_rows(x, g, n, cols, stride):
         for r in range(int(n)):
             if g[r * stride] != 1:
@@ -571,13 +589,15 @@ class KernelEmulator:
 def emulated_kernels(monkeypatch):
     emulator = KernelEmulator()
     monkeypatch.setattr(L, "_use_kernel", lambda x: x.dtype in L._CTYPES)
-    monkeypatch.setattr(L, "_kernel", lambda name, dtype: (emulator, (name, numpy.dtype(dtype))))
+    monkeypatch.setattr(L, "_kernel", lambda name, dtype=None, *params: (emulator, (name, numpy.dtype(dtype))))
     return emulator
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_kernel_path_host_code_through_the_emulator(rng, emulated_kernels, dtype, reduction):
+@pytest.mark.parametrize("cluster", [0, 2])
+def test_kernel_path_host_code_through_the_emulator(rng, emulated_kernels, monkeypatch, dtype, reduction, cluster):
+    monkeypatch.setattr(L, "_cluster_size", lambda x, grad: cluster)  # the forward kernel the host would pick
     x = rng.standard_normal((4, 5, 37))
     t = random_targets(rng, (4, 5), 37)
     logits = tc.tensor(x, dtype=dtype, requires_grad=True)
@@ -592,7 +612,48 @@ def test_kernel_path_host_code_through_the_emulator(rng, emulated_kernels, dtype
     scale = grad_factor(keep, reduction) * (upstream.reshape(-1, 1) if upstream is not None else 1.0)
     tol = 2.0 ** -7 if dtype == "bf16" else 1e-6
     numpy.testing.assert_allclose(as64(logits.grad), (grad * scale).reshape(x.shape), rtol=tol, atol=1e-7)
-    assert emulated_kernels.launches == ["cross_entropy_fwd", "scale_rows"]
+    forward = "cross_entropy_fwd_cluster" if cluster else "cross_entropy_fwd"
+    assert emulated_kernels.launches == [forward, "scale_rows"]
+
+
+class _DeviceArrayStandIn:
+    """What _cluster_size reads of a CuPy array: shape, itemsize and the data pointer."""
+
+    def __init__(self, v, itemsize=2, ptr=0):
+        self.shape, self.itemsize, self.data = (8192, v), itemsize, types.SimpleNamespace(ptr=ptr)
+
+
+def test_cluster_size_choice(monkeypatch):
+    a = _DeviceArrayStandIn
+
+    def size(v, itemsize=2, ptr=0, grad_ptr=0):
+        return L._cluster_size(a(v, itemsize, ptr), a(v, itemsize, grad_ptr))
+
+    monkeypatch.setattr(L, "_has_clusters", lambda x: True)
+    assert size(128256) == 4     # 250.5 KiB of bf16: four blocks of 64 KiB
+    assert size(128256, 4) == 8  # the same in f32
+    assert size(262144) == 8     # 256k bf16: exactly eight blocks
+    assert size(262152) == 0     # one pack more than eight blocks hold: one block per row
+    assert size(131076, 4) == 0
+    assert size(50257) == 2
+    assert size(2048) == 0       # 4 KiB: under one pack per thread, the one-block kernel
+    assert size(2049) == 1
+    assert size(50257, grad_ptr=2) == 0  # a gradient buffer aligned unlike the logits
+    assert size(50257, ptr=2, grad_ptr=18) == 2
+    assert L._cluster_size(a(128256), None) == 0  # no gradient: the one-block kernel reads each row once anyway
+    monkeypatch.setattr(L, "_has_clusters", lambda x: False)
+    assert size(128256) == 0
+    monkeypatch.undo()
+    assert not L._has_clusters(numpy.zeros((2, 2), numpy.float32))
+
+
+def test_target_check_kernel_through_the_emulator(emulated_kernels, monkeypatch):
+    monkeypatch.setattr(L, "_targets_on_gpu", lambda flat: True)
+    logits = tc.tensor(numpy.zeros((4, 6)), dtype="f32")
+    assert L.stable_cross_entropy(logits, [0, -100, 5, -100]).item() == pytest.approx(numpy.log(6))
+    assert emulated_kernels.launches[0] == "count_targets"
+    with pytest.raises(IndexOutOfRangeError, match=r"2 target\(s\) outside \[0, 6\).*the first is 6 at position \(2,\)"):
+        L.stable_cross_entropy(logits, [0, -100, 6, -7])
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
@@ -610,7 +671,9 @@ def test_fused_linear_kernel_path_through_the_emulator(rng, emulated_kernels, re
     factor = 2.0 if upstream is None else 1.0
     for got, want in ((h.grad, gh), (w.grad, gw), (b.grad, gb)):
         numpy.testing.assert_allclose(got.numpy(), factor * want, rtol=1e-4, atol=1e-5)
-    expected = {"cross_entropy_fwd", "cross_entropy_bwd"} | ({"scale_rows"} if upstream is None else set())
+    # "sum": one sweep in the forward (gradients made there), the backward only scales; "none": the backward sweeps
+    # again with per-row scales, through the backward kernel.
+    expected = {"cross_entropy_fwd"} | ({"scale_rows"} if upstream is None else {"cross_entropy_bwd"})
     assert set(emulated_kernels.launches) == expected
 
 
@@ -658,9 +721,11 @@ def _device_logits(rng, shape, dtype, scale=3.0):
 @pytest.mark.parametrize("v", [1, 17, 1000, 4097, 50257])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("offset", [0, 1])
-def test_gpu_forward_kernel_against_float64(rng, dtype, v, eps, offset):
-    """cross_entropy_fwd writing the gradient: loss, m + log_s and gradient vs float64, NaN-poisoned outputs.
-    offset=1 runs on a view that starts one element in, so rows are not 16-byte aligned."""
+@pytest.mark.parametrize("cluster", [None, 0])
+def test_gpu_forward_kernel_against_float64(rng, dtype, v, eps, offset, cluster):
+    """The forward kernel writing the gradient: loss, m + log_s and gradient vs float64, NaN-poisoned outputs.
+    offset=1 runs on a view that starts one element in, so rows are not 16-byte aligned. cluster=None: the kernel
+    the host picks (the cluster kernel for the longer rows on a Hopper GPU); 0: the one-block-per-row kernel."""
     cupy = _cupy()
     n = 37
     x = _device_logits(rng, (n * v + offset,), dtype)
@@ -670,7 +735,7 @@ def test_gpu_forward_kernel_against_float64(rng, dtype, v, eps, offset):
     out = tuple(_nan_filled(cupy, n, numpy.float32) for _ in range(3))
     grad = _nan_filled(cupy, (n, v), logits.dtype)
     scale = 1.0 / max(1, int((t_host != -100).sum()))
-    loss, m, log_s = L._rows_forward_kernel(logits, t, -100, eps, grad, scale, out=out)
+    loss, m, log_s = L._rows_forward_kernel(logits, t, -100, eps, grad, scale, out=out, cluster=cluster)
     x64 = numpy.asarray(cupy.asnumpy(logits), dtype=numpy.float64)
     rows, grad64, keep = ce64(x64, t_host, eps=eps)
     plain_grad = numpy.empty((n, v), dtype=logits.dtype)
@@ -682,6 +747,53 @@ def test_gpu_forward_kernel_against_float64(rng, dtype, v, eps, offset):
     assert (cupy.asnumpy(loss)[~keep] == 0).all()
     assert_low_precision_close(cupy.asnumpy(grad).astype(numpy.float64), grad64 * scale,
                                plain_grad.astype(numpy.float64), atol=1e-6 * scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("cluster", [1, 2, 4, 8])
+@pytest.mark.parametrize("v", [4097, 50257, 128256])
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gpu_cluster_kernel_against_float64(rng, dtype, cluster, v, offset, inplace):
+    """cross_entropy_fwd_cluster at every cluster size that holds the row (the larger ones leave blocks without
+    packs), on rows off 16-byte alignment (offset=1: scalar head and tail), the gradient in place or in a
+    NaN-poisoned buffer aligned like the logits; ignored rows, and targets out of range (the kernel's own guard)."""
+    cupy = _cupy()
+    itemsize = 4 if dtype == "f32" else 2
+    if v * itemsize // 16 > cluster * L.CLUSTER_THREADS * L.CLUSTER_PACKS:
+        pytest.skip("the row is longer than this cluster holds")
+    if not L._has_clusters(cupy.empty(1)):
+        pytest.skip("thread-block clusters need compute capability 9.0")
+    n, eps, scale = 9, 0.1, 0.25
+    logits = _device_logits(rng, (n * v + offset,), dtype).data[offset:].reshape(n, v)
+    t_host = rng.integers(0, v, size=n)
+    t_host[:4] = [0, v - 1, -100, -100]  # the first and last class, two ignored rows
+    t_host[7:] = [-5, v]                 # refused by the host check; the kernel gives NaN rows
+    x_host = cupy.asnumpy(logits)        # before an in-place gradient replaces them
+    if inplace:
+        grad = logits
+    else:
+        grad = _nan_filled(cupy, (n * v + offset,), logits.dtype)[offset:].reshape(n, v)
+    out = tuple(_nan_filled(cupy, n, numpy.float32) for _ in range(3))
+    loss, m, log_s = L._rows_forward_kernel(logits, cupy.asarray(t_host), -100, eps, grad, scale, out=out,
+                                            cluster=cluster)
+    loss, lse, got = cupy.asnumpy(loss), cupy.asnumpy(m + log_s), cupy.asnumpy(grad).astype(numpy.float64)
+    good = slice(0, 7)
+    x64 = x_host[good].astype(numpy.float64)
+    rows, grad64, keep = ce64(x64, t_host[good], eps=eps)
+    plain_grad = numpy.empty((7, v), dtype=x_host.dtype)
+    plain = L._rows_forward_reference(x_host[good], t_host[good], -100, eps, plain_grad, scale)
+    assert_low_precision_close(loss[good], rows, plain[0], atol=1e-5 * (1 + numpy.abs(rows).max()))
+    lse64 = numpy.log(numpy.exp(x64 - x64.max(1, keepdims=True)).sum(1)) + x64.max(1)
+    assert_low_precision_close(lse[good][keep], lse64[keep], (plain[1] + plain[2])[keep],
+                               atol=1e-5 * (1 + abs(lse64).max()))
+    assert_low_precision_close(got[good], grad64 * scale, plain_grad.astype(numpy.float64), atol=1e-6 * scale)
+    assert (loss[2:4] == 0).all() and (got[2:4] == 0).all()
+    assert numpy.isnan(loss[7:]).all() and numpy.isnan(got[7:]).all()
+    if not inplace:  # the loss alone (no gradient written), forced onto the cluster kernel too: the same bits
+        alone = L._rows_forward_kernel(logits, cupy.asarray(t_host), -100, eps, None, scale, cluster=cluster)[0]
+        assert (cupy.asnumpy(alone)[good] == loss[good]).all()
 
 
 @pytest.mark.gpu

@@ -330,6 +330,25 @@ def test_gpu_public_api_uses_the_kernels_and_reference_switch(rng, monkeypatch):
 
 
 @pytest.mark.gpu
+def test_gpu_forward_kept_launch_and_sync_path_agree(rng, monkeypatch):
+    """The forward's launch is kept per shape and called directly; TESSERA_SYNC routes it through runtime.launch.
+    All three give the same bits (fresh inputs, NaN-poisoned outputs)."""
+    cp = _gpu()
+    monkeypatch.delenv("TESSERA_SYNC", raising=False)
+    x = cp.asarray(make(rng, (300, 520), ml_dtypes.bfloat16))
+    w = cp.asarray(make(rng, 520, np.float32))
+    outs = [_nan(cp, x.shape, x.dtype) for _ in range(3)]
+    norm._launch_forward(x, w, 1e-6, out=outs[0])
+    norm._launch_forward(x, w, 1e-6, out=outs[1])    # the kept launch
+    monkeypatch.setenv("TESSERA_SYNC", "1")
+    norm._launch_forward(x, w, 1e-6, out=outs[2])
+    bits = [o.view(cp.uint16) for o in outs]
+    assert bool((bits[0] == bits[1]).all()) and bool((bits[0] == bits[2]).all())
+    assert_low_precision_close(cp.asnumpy(outs[0]), rms_norm64(cp.asnumpy(x), cp.asnumpy(w), 1e-6),
+                               cp.asnumpy(norm._reference_forward(x, w, 1e-6)))
+
+
+@pytest.mark.gpu
 def test_gpu_stable_rms_norm_at_1e30(rng):
     _gpu()
     x, w = make(rng, (33, 257), np.float32, 1e30), make(rng, 257, np.float32)

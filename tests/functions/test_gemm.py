@@ -1,0 +1,108 @@
+"""gemm / linear_rows: out (+)= a @ b by one cuBLAS call (the Llama prefill adds its residuals with it, the fused
+linear cross-entropy its weight gradient over chunks); the layouts handed to cuBLAS."""
+import ml_dtypes
+import numpy
+import pytest
+
+from tessera_cp import backend
+from tessera_cp.errors import ShapeError
+from tessera_cp.functions.matmul import linear_rows
+
+
+def _operands(xp, dtype, m=33, k=70, n=19, seed=0):
+    rng = numpy.random.default_rng(seed)
+    x, w, r = (rng.standard_normal(s) for s in ((m, k), (n, k), (m, n)))
+    return x, w, r, [xp.asarray(a.astype(dtype)) for a in (x, w, r)]
+
+
+def _f64(a):
+    return numpy.asarray(backend.to_device(a, "cpu"), dtype=numpy.float64)
+
+
+@pytest.mark.parametrize("dtype, tol", [(numpy.float64, 1e-12), (numpy.float32, 1e-5)])
+def test_product_and_accumulated_residual_on_the_cpu(dtype, tol):
+    x, w, r, (xa, wa, ra) = _operands(numpy, dtype)
+    assert numpy.allclose(_f64(linear_rows(xa, wa)), x @ w.T, rtol=tol, atol=tol)
+    out = linear_rows(xa, wa, out=ra, accumulate=True)
+    assert out is ra
+    assert numpy.allclose(_f64(out), r + x @ w.T, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, numpy.float16, numpy.float32])
+def test_cublas_product_and_residual_on_the_gpu(dtype):
+    cupy = pytest.importorskip("cupy")
+    x, w, r, (xa, wa, ra) = _operands(cupy, dtype, m=1000, k=4097 if dtype == numpy.float32 else 4104, n=77)
+    x, w, r = (_f64(a) for a in (xa, wa, ra))            # the rounded operands
+    want = x @ w.T
+    tol = 1e-5 if dtype == numpy.float32 else 1e-2
+    got = _f64(linear_rows(xa, wa))
+    assert numpy.linalg.norm(got - want) / numpy.linalg.norm(want) < tol
+    got = _f64(linear_rows(xa, wa, out=ra, accumulate=True))
+    assert numpy.linalg.norm(got - (r + want)) / numpy.linalg.norm(r + want) < tol
+    # a strided row view (a column slice of a wider array) is read through its leading dimension
+    wide = cupy.asarray(numpy.concatenate([w, w], axis=1).astype(dtype))
+    got = _f64(linear_rows(xa, wide[:, :w.shape[1]]))
+    assert numpy.linalg.norm(got - want) / numpy.linalg.norm(want) < tol
+
+
+@pytest.mark.gpu
+def test_columns_with_a_stride_are_refused():
+    cupy = pytest.importorskip("cupy")
+    x = cupy.zeros((4, 8), dtype=numpy.float32)
+    with pytest.raises(ShapeError, match="unit-stride rows"):
+        linear_rows(x[:, ::2], cupy.zeros((3, 4), dtype=numpy.float32))
+
+
+def test_mismatched_shapes_are_refused():
+    with pytest.raises(ShapeError, match=r"a \[M, K\] and b \[K, N\]"):
+        linear_rows(numpy.zeros((4, 8)), numpy.zeros((3, 7)))
+    with pytest.raises(ShapeError, match=r"x \[M, K\] and weight \[N, K\]"):
+        linear_rows(numpy.zeros(4), numpy.zeros((3, 4)))
+    with pytest.raises(ShapeError):
+        linear_rows(numpy.zeros((4, 8)), numpy.zeros((3, 8)), out=numpy.zeros((4, 4)))
+
+
+@pytest.mark.parametrize("make", [
+    lambda b: b,                       # C order
+    lambda b: b.T,                     # a transposed view
+    lambda b: b[:, 3:10],              # a column slice: rows of unit stride, leading dimension 24
+    lambda b: b[2:3],                  # one row
+    lambda b: b[:, 5:6],               # one column
+    lambda b: b.T[4:9, 1:2],           # one column of a transposed view
+])
+def test_cublas_layout_addresses_every_element_where_it_lies(make):
+    """_column_major's (op, ld) must address each element (r, c) at the offset its strides give, as cuBLAS reads."""
+    from tessera_cp.functions.matmul import _OP_N, _column_major
+    a = make(numpy.arange(16 * 24, dtype=numpy.float32).reshape(16, 24))
+    op, ld = _column_major(a)
+    item = a.itemsize
+    for r in range(a.shape[0]):
+        for c in range(a.shape[1]):
+            at = r * ld + c if op == _OP_N else c * ld + r
+            if a.shape[0] > 1 and a.shape[1] > 1:
+                assert at == (r * a.strides[0] + c * a.strides[1]) // item
+            else:  # a vector: only the varying index's stride matters
+                assert at == (r * a.strides[0] if a.shape[0] > 1 else c * a.strides[1]) // item
+
+
+@pytest.mark.parametrize("make", [
+    lambda b: b[:, ::2],                                        # strided both ways
+    lambda b: numpy.broadcast_to(b[:1], (16, 24)),             # a broadcast row: stride 0
+    lambda b: b[::-1],                                          # negative row stride
+])
+def test_layouts_cublas_cannot_read_are_copied(make):
+    from tessera_cp.functions.matmul import _column_major
+    assert _column_major(make(numpy.zeros((16, 24), dtype=numpy.float32))) is None
+
+
+def test_gemm_accumulates_and_checks_shapes_on_the_cpu():
+    from tessera_cp.functions.matmul import gemm
+    rng = numpy.random.default_rng(1)
+    a, b, c = rng.standard_normal((5, 7)), rng.standard_normal((7, 3)), rng.standard_normal((5, 3))
+    assert numpy.allclose(gemm(a, b), a @ b)
+    assert numpy.allclose(gemm(a.T.copy().T, b, out=c.copy(), accumulate=True), c + a @ b)
+    with pytest.raises(ShapeError, match=r"a \[M, K\] and b \[K, N\]"):
+        gemm(a, a)
+    with pytest.raises(ShapeError, match="out must be"):
+        gemm(a, b, out=numpy.zeros((3, 5)))
