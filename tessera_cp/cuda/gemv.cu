@@ -1,21 +1,39 @@
-// The decode step of tessera_cp/models (launched by tessera_cp/models/gemv.py): one token per sequence, so every
-// weight matrix is read once per step and the step is bound by memory bandwidth. Plain CUDA (no cuBLAS), so the
-// whole step can be captured in a CUDA graph.
+// Products of a few rows (decode: one token per sequence) with a weight matrix, and the other kernels of the
+// decode step of tessera_cp/models. Plain CUDA, no cuBLAS, so a whole decode step can be captured in a CUDA graph.
+// Launched by tessera_cp/models/gemv.py (gemv_rows, rope_append, argmax_rows, embed_rows) and
+// tessera_cp/nn/casted.py (gemv_mma: CastedLinear's weight-only path; models/gemv.py's DECODE_KERNEL may pick it).
 //
-// gemv_rows<WT, OutT, PRO, MAXB, ROWS>: out[b, n] = epilogue(sum_k xe[b, k] * W[n, k]) for b < B <= MAXB rows.
-//   W [N, K] is bf16 (WT = __nv_bfloat16, 8 elements per 16-byte chunk) or int8 with one float scale per output row
-//   (WT = signed char, 16 elements per chunk). A block owns ROWS consecutive rows of W and all of K: thread t takes
-//   chunks t, t + 256, ... of each of its rows (16-byte streaming loads that skip L1: every weight byte is read
-//   exactly once per step), so a warp reads 512 contiguous bytes of a row per load. Each W chunk is converted to
-//   float once and used for every b. Partial sums meet in shared memory: a warp sum, then the 8 warps in a fixed
-//   order, so a row's result never depends on B (batching does not change any sequence's output).
-//   The prologue PRO builds the effective input xe on the fly (x rows are small and stay in L1/L2):
-//     0: xe = x;   1: xe = rms_norm(x) * g (the sum of squares rides along the main loop, the 1/rms factor is
-//     applied in the epilogue);   2: xe = silu(x[:, :K]) * x[:, K:2K] (SwiGLU of the packed [gate | up]).
-//   Epilogue: s * (1/rms) * w_scale[n] + bias[n] + residual[b, n], stored as OutT (bf16, or float for logits).
-//   residual may alias out (x += proj(...)): each output element is read and written by one thread.
-//   Limits (checked by the launcher): K % (elements per chunk) == 0, x rows (stride ldx, a multiple of 8) and W,
-//   g 16-byte aligned, B <= MAXB.
+// Both products: out[b, n] = epilogue(sum_k xe[b, k] * W[n, k]) for b < B rows of x, reading every weight byte
+// once with 16-byte streaming loads. W [N, K] is bf16, or int8 with one float scale per output row. The prologue
+// PRO builds the effective input xe: 0: xe = x;  1: xe = x * g (RMSNorm: the sum of squares of x over K is
+// reduced in a fixed order and 1/rms applied in the epilogue);  2: xe = silu(x[:, :K]) * x[:, K:2K] (SwiGLU of
+// the packed [gate | up]). Epilogue: s * (1/rms) * w_scale[n] + bias[n] + residual[b, n] in explicit roundings,
+// stored as OutT. residual may alias out (x += proj(...)): each output element is read and written by one thread.
+// Each kernel's reduction order depends on the shape only, never on B: batching does not change a row's result.
+//
+// gemv_rows<WT, OutT, PRO, MAXB, ROWS>: latency-lean, for the small matrices of a decode step. A block owns ROWS
+//   consecutive rows of W and all of K: thread t takes chunks t, t + 256, ... of each of its rows (a warp reads
+//   512 contiguous bytes of a row per load), converts each W chunk to float once and uses it for every b, with x
+//   (small, in L1/L2) read directly. Partial sums meet in shared memory: a warp sum, then the 8 warps in a fixed
+//   order. bias bf16. Limits: K % (elements per chunk) == 0, x rows (stride ldx, a multiple of 8) and W, g
+//   16-byte aligned, B <= MAXB.
+// gemv_mma<WT, XT, OutT, PRO>: throughput-lean, for large matrices (CastedLinear's weight-only int8 product;
+//   x bf16, or f16 with int8 weights), B <= 16. The tensor cores do the arithmetic: mma m16n8k16 with x as the
+//   16-row A operand (rows past B are zeros), a W tile of 8 rows as B, f32 accumulators; int8 W is converted to
+//   XT in registers, exactly. Grid (ceil(N / 128), S): block (i, s) owns rows 128i .. 128i + 127 of W and the K
+//   slice [s KS, (s + 1) KS). It requests its first W chunks, stages its slice of x (prologue applied) in shared
+//   memory, then each of its 8 warps streams 16 rows of W over the slice: lane (g = lane / 4, t = lane % 4) loads
+//   16 consecutive k of rows 8j + g (j = 0, 1) per 64-k step, 8 loads in flight per lane; step s' mma uses
+//   elements 4s'..4s'+3 of every lane's 16, for x and W alike, so the k order inside the mma is a permutation of
+//   the slice's, the same for both operands (no shuffles). Staged x rows are padded by 16 bytes: the fragment
+//   loads of a quarter warp hit distinct banks. With a prologue, xe is a float held as hi + lo (two XT values,
+//   about 16 significant bits) and each step runs two mmas, so the product keeps float accuracy.
+//   S > 1 (split K, so that small matrices still give every SM work): each block writes its partial sums to the
+//   workspace `part`, and the last block of a row group to arrive (counted in `counters`, which it resets to zero
+//   for the next launch) adds the S partials in split order and applies the epilogue: deterministic, one launch.
+//   bias float (bias_kind 1) or bf16 (2). Limits: K % 16 == 0 for int8 W, K % 8 == 0 for bf16; x rows (stride
+//   ldx, a multiple of 8), W rows (ldw) and g 16-byte aligned; KS a multiple of the weight type's ITER_K;
+//   dynamic shared memory as nn/casted.py's gemv_shared_bytes; `part` and `counters` sized for the grid.
 // rope_append (bf16): RoPE of the new token's q and k heads (half-split layout, f32 cos/sin tables [P, D/2]) at
 //   position pos[b], q written to q_out [B, Hq, D]; k and v stored into the paged cache at that position (block
 //   table[b, pos >> log2_block], row pos & (block - 1)); lens[b] = pos[b] + 1. Grid B, any block size.
@@ -25,11 +43,17 @@
 // tessera-instantiate: gemv_rows<__nv_bfloat16, __nv_bfloat16, 0, 1, 8>; gemv_rows<__nv_bfloat16, __nv_bfloat16, 1, 1, 8>; gemv_rows<__nv_bfloat16, __nv_bfloat16, 2, 1, 8>
 // tessera-instantiate: gemv_rows<__nv_bfloat16, __nv_bfloat16, 0, 4, 8>; gemv_rows<__nv_bfloat16, __nv_bfloat16, 1, 4, 8>; gemv_rows<__nv_bfloat16, __nv_bfloat16, 2, 4, 8>
 // tessera-instantiate: gemv_rows<__nv_bfloat16, __nv_bfloat16, 0, 16, 4>; gemv_rows<__nv_bfloat16, __nv_bfloat16, 1, 16, 4>; gemv_rows<__nv_bfloat16, __nv_bfloat16, 2, 16, 4>
-// tessera-instantiate: gemv_rows<signed char, __nv_bfloat16, 0, 1, 4>; gemv_rows<signed char, __nv_bfloat16, 1, 1, 4>; gemv_rows<signed char, __nv_bfloat16, 2, 1, 4>
+// tessera-instantiate: gemv_rows<signed char, __nv_bfloat16, 0, 1, 8>; gemv_rows<signed char, __nv_bfloat16, 1, 1, 8>; gemv_rows<signed char, __nv_bfloat16, 2, 1, 8>
 // tessera-instantiate: gemv_rows<signed char, __nv_bfloat16, 0, 4, 4>; gemv_rows<signed char, __nv_bfloat16, 1, 4, 4>; gemv_rows<signed char, __nv_bfloat16, 2, 4, 4>
 // tessera-instantiate: gemv_rows<signed char, __nv_bfloat16, 0, 16, 2>; gemv_rows<signed char, __nv_bfloat16, 1, 16, 2>; gemv_rows<signed char, __nv_bfloat16, 2, 16, 2>
 // tessera-instantiate: gemv_rows<__nv_bfloat16, float, 1, 1, 8>; gemv_rows<__nv_bfloat16, float, 1, 4, 8>; gemv_rows<__nv_bfloat16, float, 1, 16, 4>
+// tessera-instantiate: gemv_mma<signed char, __nv_bfloat16, __nv_bfloat16, 0>; gemv_mma<signed char, __nv_bfloat16, __nv_bfloat16, 1>; gemv_mma<signed char, __nv_bfloat16, __nv_bfloat16, 2>
+// tessera-instantiate: gemv_mma<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, 0>; gemv_mma<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, 1>; gemv_mma<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, 2>
+// tessera-instantiate: gemv_mma<__nv_bfloat16, __nv_bfloat16, float, 1>; gemv_mma<signed char, __half, __half, 0>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "mma_sm80.cuh"
 
 namespace tessera_gemv {
 
@@ -98,6 +122,116 @@ __device__ __forceinline__ float warp_sum(float v) {
 template <typename T> __device__ __forceinline__ T store_as(float v);
 template <> __device__ __forceinline__ float store_as<float>(float v) { return v; }
 template <> __device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half store_as<__half>(float v) { return __float2half_rn(v); }
+
+// ---- gemv_mma's helpers
+__device__ __forceinline__ uint4 zero4() { return make_uint4(0u, 0u, 0u, 0u); }
+// 16 bytes of W for gemv_mma: read once, kept out of L1, with a hint that L2 fetch the 256-byte span (each warp
+// reads a row's next 256 bytes one iteration later).
+__device__ __forceinline__ uint4 load_weights(const void *p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+
+constexpr int TILES = 2;                              // 8-row mma tiles of W per warp
+constexpr int BLOCK_ROWS = 8 * TILES * WARPS;         // rows of W per block (128)
+constexpr int STEP_K = 64;                            // k per warp step: 4 lanes x 16
+constexpr int MAX_B = 16;                             // rows of x: the mma's M
+constexpr int PAD = 8;                                // elements of padding per staged x row (16 bytes)
+constexpr int TILE_FLOATS = MAX_B * BLOCK_ROWS + MAX_B;   // workspace per (row group, split): sums, squares
+constexpr int STAGE_UNROLL = 4;                       // prologue staging: x chunks loaded before any is stored
+
+// Per weight type: 16-byte loads per lane per tile and step, and steps per main-loop iteration (8 loads per lane
+// in flight either way); a split is a multiple of ITER_K = STEPS * STEP_K.
+template <typename WT> struct Weights;
+template <> struct Weights<signed char> { static constexpr int LOADS = 1, STEPS = 4; };
+template <> struct Weights<__nv_bfloat16> { static constexpr int LOADS = 2, STEPS = 2; };
+
+
+
+
+// Pairs of 16-bit values in a 32-bit word: element 2i is the low half. bf16 -> float is a shift.
+template <typename XT> __device__ __forceinline__ void pair_to_float(unsigned w, float &lo, float &hi);
+template <> __device__ __forceinline__ void pair_to_float<__nv_bfloat16>(unsigned w, float &lo, float &hi) {
+    lo = __uint_as_float(w << 16);
+    hi = __uint_as_float(w & 0xffff0000u);
+}
+template <> __device__ __forceinline__ void pair_to_float<__half>(unsigned w, float &lo, float &hi) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&w));
+    lo = f.x;
+    hi = f.y;
+}
+template <typename XT> __device__ __forceinline__ unsigned float_to_pair(float lo, float hi);
+template <> __device__ __forceinline__ unsigned float_to_pair<__nv_bfloat16>(float lo, float hi) {
+    const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const unsigned *>(&p);
+}
+template <> __device__ __forceinline__ unsigned float_to_pair<__half>(float lo, float hi) {
+    const __half2 p = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const unsigned *>(&p);
+}
+
+template <typename XT> __device__ __forceinline__ void to_floats(const uint4 &v, float (&f)[8]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pair_to_float<XT>(word(v, i), f[2 * i], f[2 * i + 1]);
+}
+// Eight floats as hi + lo pairs of XT: hi = XT(f), lo = XT(f - hi).
+template <typename XT> __device__ __forceinline__ void split_hi_lo(const float (&f)[8], uint4 &hi, uint4 &lo) {
+    unsigned h[4], l[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        h[i] = float_to_pair<XT>(f[2 * i], f[2 * i + 1]);
+        float a, b;
+        pair_to_float<XT>(h[i], a, b);
+        l[i] = float_to_pair<XT>(f[2 * i] - a, f[2 * i + 1] - b);
+    }
+    hi = make_uint4(h[0], h[1], h[2], h[3]);
+    lo = make_uint4(l[0], l[1], l[2], l[3]);
+}
+
+// Four int8 (one word, byte 0 first) as two pairs of XT, exact: lo = (b0, b1), hi = (b2, b3).
+template <typename XT> __device__ __forceinline__ void int8x4_to_pairs(unsigned w, unsigned &lo, unsigned &hi);
+template <> __device__ __forceinline__ void int8x4_to_pairs<__nv_bfloat16>(unsigned w, unsigned &lo, unsigned &hi) {
+    // 2^23 + (v + 128) is a float with v + 128 in its low mantissa bits; subtracting 2^23 + 128 leaves v exactly,
+    // and a float with at most 8 significant bits is its bf16 in the upper half.
+    const unsigned u = w ^ 0x80808080u;
+    const float f0 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540)) - 8388736.0f;
+    const float f1 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7541)) - 8388736.0f;
+    const float f2 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7542)) - 8388736.0f;
+    const float f3 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7543)) - 8388736.0f;
+    lo = __byte_perm(__float_as_uint(f0), __float_as_uint(f1), 0x7632);
+    hi = __byte_perm(__float_as_uint(f2), __float_as_uint(f3), 0x7632);
+}
+template <> __device__ __forceinline__ void int8x4_to_pairs<__half>(unsigned w, unsigned &lo, unsigned &hi) {
+    // f16 0x64XX is 1024 + XX for XX < 256: put v + 128 there, then subtract 1152 (both exact).
+    const unsigned u = w ^ 0x80808080u;
+    const unsigned lb = __byte_perm(u, 0x6464u, 0x5140), hb = __byte_perm(u, 0x6464u, 0x5342);
+    const __half2 bias = __halves2half2(__ushort_as_half((unsigned short)0x6480), __ushort_as_half((unsigned short)0x6480));
+    const __half2 l = __hsub2(*reinterpret_cast<const __half2 *>(&lb), bias);
+    const __half2 h = __hsub2(*reinterpret_cast<const __half2 *>(&hb), bias);
+    lo = *reinterpret_cast<const unsigned *>(&l);
+    hi = *reinterpret_cast<const unsigned *>(&h);
+}
+
+// The B fragment of mma step s (0..3) from a lane's 16 k of one W row: elements 4s, 4s + 1 and 4s + 2, 4s + 3.
+template <typename WT, typename XT> struct Fragment;
+template <typename XT> struct Fragment<signed char, XT> {
+    static __device__ __forceinline__ void get(const uint4 (&w)[1], int s, unsigned &b0, unsigned &b1) {
+        int8x4_to_pairs<XT>(word(w[0], s), b0, b1);
+    }
+};
+template <> struct Fragment<__nv_bfloat16, __nv_bfloat16> {
+    static __device__ __forceinline__ void get(const uint4 (&w)[2], int s, unsigned &b0, unsigned &b1) {
+        b0 = word(w[s >> 1], (2 * s) & 3);
+        b1 = word(w[s >> 1], (2 * s + 1) & 3);
+    }
+};
+
+
+
 
 }  // namespace tessera_gemv
 
@@ -193,6 +327,207 @@ gemv_rows(const __nv_bfloat16 *__restrict__ x, long long ldx, const __nv_bfloat1
         if (bias != nullptr) s = __fadd_rn(s, __bfloat162float(bias[n]));
         if (residual != nullptr) s = __fadd_rn(s, __bfloat162float(residual[(long long)b * ldr + n]));
         out[(long long)b * ldo + n] = store_as<OutT>(s);
+    }
+}
+
+template <typename WT, typename XT, typename OutT, int PRO>
+__global__ void __launch_bounds__(tessera_gemv::THREADS, 2)
+gemv_mma(const XT *__restrict__ x, long long ldx, const XT *__restrict__ norm_w, float eps, const WT *__restrict__ W,
+         long long ldw, const float *__restrict__ w_scale, const void *__restrict__ bias, int bias_kind,
+         const __nv_bfloat16 *residual, long long ldr, OutT *out, long long ldo, int B, int N, int K, int KS,
+         float *__restrict__ part, int *__restrict__ counters) {
+    using namespace tessera_gemv;
+    constexpr int LOADS = Weights<WT>::LOADS, STEPS = Weights<WT>::STEPS, ITER_K = STEPS * STEP_K;
+    constexpr int PARTS = PRO == 0 ? 1 : 2;           // staged x: XT values, or hi and lo parts of floats
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ float ss_row[MAX_B];
+    __shared__ int last_block;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int RS = KS + PAD, CH = KS / 8;
+    XT *xs = reinterpret_cast<XT *>(smem);                                  // [PARTS][B][RS]
+    float *ssc = reinterpret_cast<float *>(smem + sizeof(XT) * PARTS * B * RS);   // PRO 1: [B][CH]
+    const int S = gridDim.y, split = blockIdx.y, k0 = split * KS, kend = min(K, k0 + KS);
+    const int row0 = blockIdx.x * BLOCK_ROWS;
+
+    // This warp's 16 rows of W (row pointers clamped into W; rows past N load zeros and are not stored).
+    const int wrow = row0 + warp * 8 * TILES;
+    const WT *wp[TILES];
+    bool wok[TILES];
+#pragma unroll
+    for (int j = 0; j < TILES; ++j) {
+        const int n = wrow + 8 * j + g;
+        wok[j] = n < N;
+        wp[j] = W + (long long)(wok[j] ? n : 0) * ldw + 16 * t;
+    }
+    const bool a_lo = g < B, a_hi = g + 8 < B;
+    const XT *xa = xs + g * RS + 16 * t, *xb = xa + 8 * RS;
+    uint4 w[STEPS][TILES][LOADS];   // one iteration's W chunks; the first is requested before x is staged
+    auto load = [&](int kk) {
+#pragma unroll
+        for (int u = 0; u < STEPS; ++u)
+#pragma unroll
+            for (int j = 0; j < TILES; ++j)
+#pragma unroll
+                for (int l = 0; l < LOADS; ++l) {
+                    const int k = k0 + kk + u * STEP_K + 16 * t + 8 * l;
+                    w[u][j][l] = wok[j] && k < kend ? load_weights(wp[j] + (k - 16 * t)) : zero4();
+                }
+    };
+    load(0);
+    // Stage x[:, k0 : k0 + KS] (zeros past K), 8 elements per chunk; chunk i is row i / CH, column i % CH.
+    // Plain x is copied with cp.async (every chunk in flight at once); a prologue goes through registers.
+    const int total = B * CH;
+    if (PRO == 0) {
+        for (int i = tid; i < total; i += THREADS) {
+            const int b = i / CH, c = i - b * CH, k = k0 + 8 * c;
+            tessera::cp_async16(xs + b * RS + 8 * c, k < K ? x + b * ldx + k : x, k < K);
+        }
+        tessera::cp_async_commit();
+        tessera::cp_async_wait<0>();
+    }
+    for (int base = 0; PRO != 0 && base < total; base += STAGE_UNROLL * THREADS) {
+        uint4 v[STAGE_UNROLL], extra[STAGE_UNROLL];
+#pragma unroll
+        for (int r = 0; r < STAGE_UNROLL; ++r) {
+            const int i = base + r * THREADS + tid, b = i / CH, k = k0 + 8 * (i - b * CH);
+            const bool ok = i < total && k < K;
+            const XT *src = x + b * ldx + k;
+            v[r] = ok ? load_cached(src) : zero4();
+            if (PRO == 1) extra[r] = ok ? load_cached(norm_w + k) : zero4();
+            if (PRO == 2) extra[r] = ok ? load_cached(src + K) : zero4();
+        }
+#pragma unroll
+        for (int r = 0; r < STAGE_UNROLL; ++r) {
+            const int i = base + r * THREADS + tid;
+            if (i >= total) break;
+            const int b = i / CH;
+            XT *dst = xs + b * RS + 8 * (i - b * CH);
+            float f[8], e[8];
+            to_floats<XT>(v[r], f);
+            to_floats<XT>(extra[r], e);
+            if (PRO == 1) {
+                float q = 0.0f;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    q = fmaf(f[j], f[j], q);
+                    f[j] *= e[j];
+                }
+                ssc[i] = q;
+            } else {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) f[j] = f[j] / (1.0f + __expf(-f[j])) * e[j];
+            }
+            uint4 hi, lo;
+            split_hi_lo<XT>(f, hi, lo);
+            *reinterpret_cast<uint4 *>(dst) = hi;
+            *reinterpret_cast<uint4 *>(dst + B * RS) = lo;
+        }
+    }
+    __syncthreads();
+    if (PRO == 1) {   // this slice's sum of squares per row, in a fixed order
+        for (int b = warp; b < B; b += WARPS) {
+            float q = 0.0f;
+            for (int c = lane; c < CH; c += 32) q += ssc[b * CH + c];
+            q = warp_sum(q);
+            if (lane == 0) ss_row[b] = q;
+        }
+        __syncthreads();
+    }
+
+    float acc[TILES][4];
+#pragma unroll
+    for (int j = 0; j < TILES; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[j][r] = 0.0f;
+
+    // Main loop over the slice.
+    for (int kk = 0; kk < KS; kk += ITER_K) {
+        if (kk > 0) load(kk);
+#pragma unroll
+        for (int u = 0; u < STEPS; ++u) {
+            const int xo = kk + u * STEP_K;
+            unsigned xl[PARTS][8], xh[PARTS][8];
+#pragma unroll
+            for (int p = 0; p < PARTS; ++p)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const uint4 l4 = a_lo ? *reinterpret_cast<const uint4 *>(xa + p * B * RS + xo + 8 * h) : zero4();
+                    const uint4 h4 = a_hi ? *reinterpret_cast<const uint4 *>(xb + p * B * RS + xo + 8 * h) : zero4();
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        xl[p][4 * h + i] = word(l4, i);
+                        xh[p][4 * h + i] = word(h4, i);
+                    }
+                }
+#pragma unroll
+            for (int s = 0; s < 4; ++s)
+#pragma unroll
+                for (int j = 0; j < TILES; ++j) {
+                    unsigned b0, b1;
+                    Fragment<WT, XT>::get(w[u][j], s, b0, b1);
+#pragma unroll
+                    for (int p = 0; p < PARTS; ++p) {
+                        const unsigned a[4] = {xl[p][2 * s], xh[p][2 * s], xl[p][2 * s + 1], xh[p][2 * s + 1]};
+                        tessera::mma<XT>(acc[j], a, b0, b1);
+                    }
+                }
+        }
+    }
+
+    // Epilogue, in explicit roundings (no FMA contraction): each row's result has one definition.
+    auto finish = [&](int b, int n, float v, float q) {
+        if (PRO == 1) v = __fmul_rn(v, rsqrtf(__fadd_rn(q / (float)K, eps)));
+        if (w_scale != nullptr) v = __fmul_rn(v, w_scale[n]);
+        if (bias_kind == 1) v = __fadd_rn(v, static_cast<const float *>(bias)[n]);
+        if (bias_kind == 2) v = __fadd_rn(v, __bfloat162float(static_cast<const __nv_bfloat16 *>(bias)[n]));
+        if (residual != nullptr) v = __fadd_rn(v, __bfloat162float(residual[(long long)b * ldr + n]));
+        out[(long long)b * ldo + n] = store_as<OutT>(v);
+    };
+    // Accumulator r of tile j: row b = g + 8 (r / 2) of x, row n = 8j + 2t + r % 2 of this warp's W rows.
+    if (S == 1) {
+#pragma unroll
+        for (int j = 0; j < TILES; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int b = g + 8 * (r >> 1), n = wrow + 8 * j + 2 * t + (r & 1);
+                if (b < B && n < N) finish(b, n, acc[j][r], PRO == 1 ? ss_row[b] : 0.0f);
+            }
+        return;
+    }
+    float *tile = part + ((long long)blockIdx.x * S + split) * TILE_FLOATS;
+#pragma unroll
+    for (int j = 0; j < TILES; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int b = g + 8 * h;
+            if (b < B)
+                *reinterpret_cast<float2 *>(tile + b * BLOCK_ROWS + warp * 8 * TILES + 8 * j + 2 * t) =
+                    make_float2(acc[j][2 * h], acc[j][2 * h + 1]);
+        }
+    if (PRO == 1 && tid < B) tile[MAX_B * BLOCK_ROWS + tid] = ss_row[tid];
+    __threadfence();   // this block's partials are visible device-wide before it is counted
+    __syncthreads();
+    if (tid == 0) {
+        const int arrived = atomicAdd(counters + blockIdx.x, 1);
+        last_block = arrived == S - 1;
+        if (last_block) counters[blockIdx.x] = 0;   // ready for the next launch
+        __threadfence();
+    }
+    __syncthreads();
+    if (!last_block) return;
+    const float *tiles = part + (long long)blockIdx.x * S * TILE_FLOATS;
+    if (PRO == 1 && tid < B) {
+        float q = 0.0f;
+        for (int s = 0; s < S; ++s) q += __ldcg(tiles + (long long)s * TILE_FLOATS + MAX_B * BLOCK_ROWS + tid);
+        ss_row[tid] = q;
+    }
+    __syncthreads();
+    for (int i = tid; i < B * BLOCK_ROWS; i += THREADS) {
+        const int b = i / BLOCK_ROWS, c = i % BLOCK_ROWS, n = row0 + c;
+        if (n >= N) continue;
+        float v = 0.0f;
+        for (int s = 0; s < S; ++s) v += __ldcg(tiles + (long long)s * TILE_FLOATS + i);
+        finish(b, n, v, PRO == 1 ? ss_row[b] : 0.0f);
     }
 }
 

@@ -20,19 +20,10 @@
 // w8a8_gemm_dp4a: the fallback for GPUs without int8 tensor cores (sm_61+): 64 x 64 block tile through shared
 // memory, 256 threads with 4 x 4 outputs each, __dp4a on 4 packed int8 per instruction.
 //
-// weight_only_gemm: decode-sized products out[m, n] = T(acc * w_scale[n] + bias[n]), acc = sum_k x[m, k] *
-// W[n, k], x bf16/f16 [M, K] (row stride ldx, a multiple of 8), W int8 [N, K]. Each weight byte is read once,
-// with 16-byte loads: a block covers 16 rows of x and 32 rows of W; its 8 warps split K in 64-wide chunks (warp w
-// takes chunks w, w + 8, ...). In a chunk, lane (g = lane / 4, t = lane % 4) loads W[n0 + 8j + g, 16t : 16t + 16]
-// for j = 0..3 and x[m0 + g (+ 8), 16t : 16t + 16], and feeds four m16n8k16 mma steps: step s takes elements
-// 4s .. 4s + 3 of each lane's 16. The mma's k order is a permutation of the chunk's, the same for x and W, so the
-// dot products are unchanged and no shuffles are needed. int8 -> bf16 is exact (magic-number float trick, then the
-// float's upper half); int8 -> f16 likewise (0x6400 | (v + 128) is 1024 + v + 128). Partial sums of the 8 warps
-// meet in shared memory. M > 16 takes more blocks along y (each re-reads W): meant for M <= 16.
+// The weight-only (bf16 x int8) product of CastedLinear lives in gemv.cu (gemv_mma), shared with the decode step.
 //
 // tessera-instantiate: w8a8_gemm_mma<int>; w8a8_gemm_mma<__nv_bfloat16>; w8a8_gemm_mma<__half>; w8a8_gemm_mma<float>
 // tessera-instantiate: w8a8_gemm_dp4a<int>; w8a8_gemm_dp4a<__nv_bfloat16>; w8a8_gemm_dp4a<__half>; w8a8_gemm_dp4a<float>
-// tessera-instantiate: weight_only_gemm<__nv_bfloat16>; weight_only_gemm<__half>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -41,7 +32,6 @@ constexpr int MMA_WARP_M = 64, MMA_WARP_N = 32;  // 8 warps: 2 along M x 4 along
 constexpr int MMA_GROUP_M = 8;                    // tile rows per rasterization group
 constexpr int MMA_STAGE_BYTES = (MMA_BM + MMA_BN) * MMA_BK;
 constexpr int DP4A_TILE = 64, DP4A_BK = 64, DP4A_THREADS = 256;
-constexpr int WO_THREADS = 256, WO_WARPS = 8, WO_BM = 16, WO_TILES = 4, WO_BN = 8 * WO_TILES, WO_KC = 64;
 
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
@@ -88,33 +78,6 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], const unsigned (&a)[4], unsi
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-template <typename T> __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0,
-                                                                unsigned b1);
-template <> __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const unsigned (&a)[4],
-                                                                     unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <> __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const unsigned (&a)[4], unsigned b0,
-                                                              unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// 16 bytes of streamed weights: read once, so kept out of L1 (x, which every warp re-reads, stays there).
-__device__ __forceinline__ uint4 load_stream_16(const void* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
 #endif
 
 // Byte offset of 16-byte chunk `chunk` (0..3) of row `row` in a 64-byte-row shared tile (see the swizzle above).
@@ -253,105 +216,4 @@ w8a8_gemm_dp4a(const signed char* __restrict__ A, const signed char* __restrict_
             const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
             if (m < M && n < N) store_result(C, ldc, m, n, acc[i][j], x_scale, w_scale, bias, has_bias);
         }
-}
-
-// Four int8 (one 32-bit word, byte 0 first) as two packed pairs of T, low half = lower byte: lo = (b0, b1),
-// hi = (b2, b3). Exact: every int8 is a bf16 and an f16.
-template <typename T> __device__ __forceinline__ void int8x4_to_pairs(unsigned w, unsigned& lo, unsigned& hi);
-template <> __device__ __forceinline__ void int8x4_to_pairs<__nv_bfloat16>(unsigned w, unsigned& lo, unsigned& hi) {
-    // 2^23 + (v + 128) is a float with v + 128 in its low mantissa bits; subtracting 2^23 + 128 leaves v exactly,
-    // and a float with at most 8 significant bits is its bf16 in the upper half.
-    const unsigned u = w ^ 0x80808080u;
-    const float f0 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540)) - 8388736.0f;
-    const float f1 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7541)) - 8388736.0f;
-    const float f2 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7542)) - 8388736.0f;
-    const float f3 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7543)) - 8388736.0f;
-    lo = __byte_perm(__float_as_uint(f0), __float_as_uint(f1), 0x7632);
-    hi = __byte_perm(__float_as_uint(f2), __float_as_uint(f3), 0x7632);
-}
-template <> __device__ __forceinline__ void int8x4_to_pairs<__half>(unsigned w, unsigned& lo, unsigned& hi) {
-    // f16 0x64XX is 1024 + XX for XX < 256: put v + 128 there, then subtract 1152 (both exact).
-    const unsigned u = w ^ 0x80808080u;
-    const __half2 bias = __halves2half2(__ushort_as_half((unsigned short)0x6480), __ushort_as_half((unsigned short)0x6480));
-    __half2 l, h;
-    const unsigned lb = __byte_perm(u, 0x6464u, 0x5140), hb = __byte_perm(u, 0x6464u, 0x5342);
-    l = __hsub2(*reinterpret_cast<const __half2*>(&lb), bias);
-    h = __hsub2(*reinterpret_cast<const __half2*>(&hb), bias);
-    lo = *reinterpret_cast<const unsigned*>(&l);
-    hi = *reinterpret_cast<const unsigned*>(&h);
-}
-
-__device__ __forceinline__ unsigned word_of(const uint4 (&v)[2], int i) {  // 32-bit word i (0..7) of 32 bytes
-    const uint4& q = v[i >> 2];
-    const int j = i & 3;
-    return j == 0 ? q.x : j == 1 ? q.y : j == 2 ? q.z : q.w;
-}
-__device__ __forceinline__ unsigned word_of(const uint4& q, int j) {
-    return j == 0 ? q.x : j == 1 ? q.y : j == 2 ? q.z : q.w;
-}
-
-template <typename T>
-__global__ void __launch_bounds__(WO_THREADS)
-weight_only_gemm(const T* __restrict__ x, const signed char* __restrict__ W, const float* __restrict__ w_scale,
-                 const float* __restrict__ bias, int has_bias, T* __restrict__ out, int M, int N, int K, int ldx,
-                 int ldw, int ldo) {
-    __shared__ float partial[WO_WARPS][WO_BM][WO_BN];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const int n0 = blockIdx.x * WO_BN, m0 = blockIdx.y * WO_BM;
-    const bool lo_ok = m0 + g < M, hi_ok = m0 + g + 8 < M;
-    const T* x_lo = x + (long long)(m0 + g) * ldx;
-    const T* x_hi = x + (long long)(m0 + g + 8) * ldx;
-    float acc[WO_TILES][4];
-#pragma unroll
-    for (int j = 0; j < WO_TILES; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) acc[j][r] = 0.0f;
-
-    const int chunks = (K + WO_KC - 1) / WO_KC;
-    for (int c = warp; c < chunks; c += WO_WARPS) {
-        const int k = c * WO_KC + t * 16;
-        const bool k_ok = k < K;
-        uint4 w[WO_TILES];
-#pragma unroll
-        for (int j = 0; j < WO_TILES; ++j) {
-            const int n = n0 + j * 8 + g;
-            w[j] = k_ok && n < N ? load_stream_16(W + (long long)n * ldw + k) : make_uint4(0, 0, 0, 0);
-        }
-        uint4 xl[2], xh[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            xl[h] = k_ok && lo_ok ? *reinterpret_cast<const uint4*>(x_lo + k + 8 * h) : make_uint4(0, 0, 0, 0);
-            xh[h] = k_ok && hi_ok ? *reinterpret_cast<const uint4*>(x_hi + k + 8 * h) : make_uint4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int s = 0; s < 4; ++s) {
-            // a0: row g, elements 4s, 4s+1; a1: row g+8, same; a2: row g, 4s+2, 4s+3; a3: row g+8, same.
-            const unsigned a[4] = {word_of(xl, 2 * s), word_of(xh, 2 * s), word_of(xl, 2 * s + 1),
-                                   word_of(xh, 2 * s + 1)};
-#pragma unroll
-            for (int j = 0; j < WO_TILES; ++j) {
-                unsigned b0, b1;  // bytes 4s, 4s+1 and 4s+2, 4s+3 of row n0 + 8j + g
-                int8x4_to_pairs<T>(word_of(w[j], s), b0, b1);
-                mma_16816<T>(acc[j], a, b0, b1);
-            }
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < WO_TILES; ++j) {  // accumulators 0,1: row g; 2,3: row g + 8; columns 8j + 2t, + 1
-        partial[warp][g][j * 8 + 2 * t] = acc[j][0];
-        partial[warp][g][j * 8 + 2 * t + 1] = acc[j][1];
-        partial[warp][g + 8][j * 8 + 2 * t] = acc[j][2];
-        partial[warp][g + 8][j * 8 + 2 * t + 1] = acc[j][3];
-    }
-    __syncthreads();
-    for (int o = tid; o < WO_BM * WO_BN; o += WO_THREADS) {
-        const int mm = o / WO_BN, nn = o % WO_BN, m = m0 + mm, n = n0 + nn;
-        if (m >= M || n >= N) continue;
-        float sum = 0.0f;
-#pragma unroll
-        for (int v = 0; v < WO_WARPS; ++v) sum += partial[v][mm][nn];
-        float r = __fmul_rn(sum, w_scale[n]);
-        if (has_bias) r = __fadd_rn(r, bias[n]);
-        out[(long long)m * ldo + n] = from_float<T>(r);
-    }
 }

@@ -5,7 +5,10 @@ CUDA graph.
 * ``rows_linear``: ``out = epilogue(prologue(x) @ W.T)`` for a few rows x (one per sequence). W is bf16 [N, K] or
   int8 [N, K] with one float32 scale per output row (``CastedLinear``'s layout). Prologue: nothing, RMSNorm with a
   weight (``norm=``) or SwiGLU of the packed [gate | up] (``swiglu=True``); epilogue: scale, bias, residual.
-  Each weight byte is read once per call (16-byte loads).
+  Each weight byte is read once per call (16-byte loads). Two kernels: ``gemv_rows`` (one block per few rows
+  over all of K: the least latency, for the decode step's small matrices) and ``gemv_mma`` (tensor cores and
+  split K, CastedLinear's weight-only kernel, launched by ``nn.casted.gemv_mma``); ``DECODE_KERNEL`` picks one per
+  weight type (never per batch size: a sequence's result must not depend on its batch).
 * ``rope_append``: RoPE of the new token's q and k at each sequence's position; k and v go into a paged KV cache
   (``PagedKVCache`` layout [num_blocks, Hkv, block_size, D] per layer) at that position; q into ``q_out``;
   ``lens = pos + 1``.
@@ -20,16 +23,23 @@ import os
 import numpy
 
 from .. import backend, dtypes
+from ..nn import casted
 
-MAX_ROWS = 16                 # rows (sequences) a gemv kernel takes at once
+MAX_ROWS = casted.GEMV_MAX_ROWS   # rows (sequences) a gemv kernel takes at once
 ARGMAX_THREADS = 1024
 ROPE_THREADS = 128
 EMBED_THREADS = 128
 GEMV_THREADS = 256            # gemv.cu's THREADS
-# (weight kind, MAXB) -> ROWS of W per block, as listed in gemv.cu's instantiations.
-_GEMV_ROWS = {("bf16", 1): 8, ("bf16", 4): 8, ("bf16", 16): 4, ("int8", 1): 4, ("int8", 4): 4, ("int8", 16): 2}
-_BF16 = dtypes.bf16.storage
+# gemv_rows: (weight kind, MAXB) -> ROWS of W per block, as listed in gemv.cu's instantiations. int8 with one row
+# of x takes 8 (bench/tune_gemv.py, H100, TinyLlama decode step with int8 weights: 1068 us against 1101 with 4).
+_GEMV_ROWS = {("bf16", 1): 8, ("bf16", 4): 8, ("bf16", 16): 4, ("int8", 1): 8, ("int8", 4): 4, ("int8", 16): 2}
+# The decode step's kernel per weight kind: "rows" (gemv_rows) or "mma" (gemv_mma). bench/tune_gemv.py (H100,
+# TinyLlama, batch 1): bf16 step 1182 us with gemv_rows against 1583 with gemv_mma, int8 1068 against 1387: on
+# these small matrices one block per few rows over all of K has the least latency. (With 16 rows of x gemv_mma
+# is 2-5x faster, but the choice must not depend on the batch: a sequence's result would then.)
+DECODE_KERNEL = {"bf16": "rows", "int8": "rows"}
 _NULL = numpy.uint64(0)       # a null pointer argument
+_BF16 = dtypes.bf16.storage
 
 _kernels = {}
 
@@ -91,28 +101,6 @@ def _rows_linear_reference(x, weight, scale, bias, norm, eps, swiglu, residual, 
     return y.astype(out_dtype)
 
 
-def _gemv_ready(x, weight, scale, bias, norm, residual, out):
-    if _reference_mode() or not backend.is_cupy_array(x) or x.dtype != _BF16 or x.ndim != 2:
-        return False
-    if not 1 <= x.shape[0] <= MAX_ROWS:
-        return False
-    per_chunk = 16 // weight.dtype.itemsize
-    if weight.dtype == numpy.int8:
-        if scale is None or scale.dtype != numpy.float32 or not scale.flags.c_contiguous:
-            return False
-    elif weight.dtype != _BF16:
-        return False
-    if not weight.flags.c_contiguous or weight.data.ptr % 16 or weight.shape[1] % per_chunk:
-        return False
-    if not _aligned(x) or (norm is not None and (norm.dtype != _BF16 or not _aligned(norm))):
-        return False
-    if bias is not None and (bias.dtype != _BF16 or not bias.flags.c_contiguous):
-        return False
-    if residual is not None and (residual.dtype != _BF16 or residual.strides[-1] != 2):
-        return False
-    return out.dtype in (_BF16, numpy.dtype(numpy.float32)) and out.strides[-1] == out.dtype.itemsize
-
-
 def rows_linear(x, weight, *, scale=None, bias=None, norm=None, eps=1e-6, swiglu=False, residual=None, out=None,
                 out_dtype=None):
     """``prologue(x) @ weight.T * scale + bias + residual`` for x [B, K] (``swiglu``: [B, 2K] = [gate | up]).
@@ -125,12 +113,15 @@ def rows_linear(x, weight, *, scale=None, bias=None, norm=None, eps=1e-6, swiglu
     B, N = x.shape[0], weight.shape[0]
     if out is None:
         out = xp.empty((B, N), dtype=out_dtype or x.dtype)
-    if not _gemv_ready(x, weight, scale, bias, norm, residual, out):
+    kind = "int8" if weight.dtype == numpy.int8 else "bf16"
+    if x.dtype != _BF16 or not casted.gemv_mma_supported(x, weight, out, scale, bias, norm, residual, swiglu):
         out[...] = _rows_linear_reference(x, weight, scale, bias, norm, eps, swiglu, residual, out.dtype)
         return out
+    if DECODE_KERNEL[kind] == "mma" or (bias is not None and bias.dtype != _BF16):   # gemv_rows takes bf16 bias
+        return casted.gemv_mma(x, weight, out, scale=scale, bias=bias, norm=norm, eps=eps, swiglu=swiglu,
+                               residual=residual)
     K = weight.shape[1]
     maxb = 1 if B == 1 else (4 if B <= 4 else 16)
-    kind = "int8" if weight.dtype == numpy.int8 else "bf16"
     rows = _GEMV_ROWS[(kind, maxb)]
     wt = "signed char" if kind == "int8" else "__nv_bfloat16"
     ot = "float" if out.dtype == numpy.float32 else "__nv_bfloat16"

@@ -222,6 +222,11 @@ class TextGenerator:
                 raise ShapeError(f"generate: prompt {i} ({len(p)} tokens) + max_new_tokens {max_new_tokens} exceeds "
                                  f"max_context {self.max_context}; make a TextGenerator with a larger max_context")
         stop = set(self.model.config.stop_token_ids if stop_tokens is None else map(int, stop_tokens))
+        if self.stream is not None:
+            # The generator's own stream does not wait for others by itself: what the caller queued before this
+            # call (weights written or quantized, this generator's cache cleared) must come first.
+            import cupy
+            self.stream.wait_event(cupy.cuda.get_current_stream().record())
         total = None
         for start in range(0, len(prompts), self.max_batch):
             part = self._generate_batch(prompts[start:start + self.max_batch], start, int(max_new_tokens),

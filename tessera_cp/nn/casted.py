@@ -1,16 +1,18 @@
 """Casted layers: weights stored in int8 / fp8 with float32 scales, computed in bf16 (or f16 / f32).
 
-* ``CastedLinear`` (int8 weights, one scale per output channel) has two GPU paths (``cuda/int8_gemm.cu``):
+* ``CastedLinear`` (int8 weights, one scale per output channel) has two GPU paths (``cuda/int8_gemm.cu``, and
+  ``cuda/gemv.cu``'s ``gemv_mma`` for weight-only):
   W8A8 (``mode="w8a8"``): each token (row) of x is quantized to int8 with its own absmax scale (one kernel,
   ``quant.quantize_rows_int8``), then an int8 x int8 GEMM on the int8 tensor cores (``mma.sync`` m16n8k32; a
   ``dp4a`` kernel is the fallback below sm_80, or asked for with ``gemm="dp4a"``) accumulates exactly in int32
   and its epilogue writes ``((float)acc * x_scale[m]) * w_scale[n] + bias[n]`` in the activation dtype.
-  Weight-only (``mode="weight_only"``): bf16/f16 x times the int8 weights converted in the kernel, each weight
-  byte read once; meant for decode (M <= 16 rows). ``mode="auto"`` (the default) takes weight-only for at most
-  ``WEIGHT_ONLY_MAX_M`` rows and W8A8 above. The reference runs the same arithmetic on NumPy (or CuPy with
-  ``TESSERA_REFERENCE=1``): W8A8 bit for bit (quantization, int32 sums, epilogue order), weight-only up to the
-  order of the float32 sums. The backward gives x (straight-through the activation quantization) and the bias
-  their gradients; the weights are frozen buffers.
+  Weight-only (``mode="weight_only"``): bf16/f16 x times the int8 weights converted in the kernel (tensor-core
+  mma, K split across blocks for small matrices, reduced deterministically), each weight byte read once; meant
+  for decode (M <= 16 rows per launch; more rows take more launches). ``mode="auto"`` (the default) takes
+  weight-only for at most ``WEIGHT_ONLY_MAX_M`` rows and W8A8 above. The reference runs the same arithmetic on
+  NumPy (or CuPy with ``TESSERA_REFERENCE=1``): W8A8 bit for bit (quantization, int32 sums, epilogue order),
+  weight-only up to the order of the float32 sums. The backward gives x (straight-through the activation
+  quantization) and the bias their gradients; the weights are frozen buffers.
 * ``int8_matmul(a, b)`` is the raw GEMM: a @ b.T in exact int32 (what the tests compare bit for bit).
 * ``CastedEmbedding``: rows stored in fp8 e4m3 / e5m2, int8 (absmax scale per row, or one per table) or bf16;
   the forward is one gather-and-dequantize kernel: out = T((decode(q) * scale) * scale_factor).
@@ -36,7 +38,13 @@ from .module import Buffer, Module, Parameter
 K_ALIGN = 16              # the int8 GEMMs read rows in 16-byte chunks: K is padded (with zeros) to a multiple
 WEIGHT_ONLY_MAX_M = 16    # mode="auto": up to this many rows take the weight-only kernel (one mma row tile)
 MMA_TILE, DP4A_TILE, GEMM_THREADS = 128, 64, 256   # w8a8_gemm_mma / w8a8_gemm_dp4a block tiles (square)
-WO_BN, WO_BM, WO_THREADS = 32, 16, 256             # weight_only_gemm: output columns / rows per block
+# gemv_mma (cuda/gemv.cu), the few-row product of the weight-only path (the decode step may take it too):
+GEMV_MAX_ROWS = 16                                 # rows of x per launch (the mma's M)
+GEMV_THREADS, GEMV_BLOCK_ROWS, GEMV_PAD = 256, 128, 8
+GEMV_TILE_FLOATS = GEMV_MAX_ROWS * GEMV_BLOCK_ROWS + GEMV_MAX_ROWS   # workspace per (row group, K split)
+GEMV_ITER_K = {1: 256, 2: 128}                     # by weight itemsize: k per main-loop iteration = split unit
+GEMV_SPLIT_MAX = (2048, 1024, 1024)                # by prologue (none, RMSNorm, SwiGLU): longest K slice staged
+GEMV_BLOCKS_PER_SM = 1.5                           # split K until the grid has about this many blocks per SM
 GATHER_THREADS = 128                               # embedding gathers (cuda/quant.cu)
 MAX_GRID_Y = 65535
 LINEAR_MODES = ("auto", "w8a8", "weight_only")
@@ -228,22 +236,122 @@ def w8a8_linear(x2, weight, w_scale, bias=None, out_storage=None, gemm="auto", w
     return _epilogue_reference(_int8_matmul_reference(q, weight), xs, w_scale, bias, out_storage)
 
 
-def _weight_only_cuda(x, wp, w_scale, bias, n, out):
-    """Launch weight_only_gemm<T>: x [M, Kp] (16-byte-aligned rows), wp [N, Kp] int8, into out [M, N]."""
-    runtime = _runtime()
+_sm_counts = {}
+_gemv_workspaces = {}     # (device, stream) -> (partial sums float32, counters int32), grown on demand
+_gemv_retired = []        # outgrown workspaces: a captured CUDA graph may still point at them
+
+
+def _sm_count(xp):
+    dev = xp.cuda.Device().id
+    if dev not in _sm_counts:
+        _sm_counts[dev] = xp.cuda.runtime.deviceGetAttribute(16, dev)  # cudaDevAttrMultiProcessorCount
+    return _sm_counts[dev]
+
+
+def gemv_plan(n, k, weight_itemsize, prologue, sms, blocks_per_sm=None):
+    """(KS, S) of gemv_mma for W [n, k]: K is cut into S slices of KS (a multiple of the iteration's k) so that
+    the grid of ceil(n / 128) x S blocks has about ``blocks_per_sm`` blocks per SM. A function of the shape, the
+    weight type and the prologue only, never of the number of rows (a row's result must not depend on it)."""
+    unit = GEMV_ITER_K[weight_itemsize]
+    units = -(-k // unit)
+    groups = -(-n // GEMV_BLOCK_ROWS)
+    want = math.ceil((blocks_per_sm or GEMV_BLOCKS_PER_SM) * sms / groups)
+    splits = max(-(-k // GEMV_SPLIT_MAX[prologue]), min(units, want))
+    ks = unit * -(-units // splits)
+    return ks, -(-k // ks)
+
+
+def gemv_shared_bytes(x_itemsize, rows, ks, prologue):
+    """Dynamic shared memory of gemv_mma: the staged x slice ([parts][rows][ks + pad] of x's type; hi and lo parts
+    with a prologue), then for RMSNorm one float per 8-element chunk."""
+    parts = 1 if prologue == 0 else 2
+    return parts * x_itemsize * rows * (ks + GEMV_PAD) + (4 * rows * (ks // 8) if prologue == 1 else 0)
+
+
+def _gemv_workspace(xp, floats, groups):
+    key = (xp.cuda.Device().id, xp.cuda.get_current_stream().ptr)   # launches on one stream never overlap
+    ws = _gemv_workspaces.get(key)
+    if ws is None or ws[0].size < floats or ws[1].size < groups:
+        if ws is not None:
+            _gemv_retired.append(ws)
+            floats, groups = max(floats, 2 * ws[0].size), max(groups, 2 * ws[1].size)
+        ws = (xp.empty((floats,), dtype=numpy.float32), xp.zeros((groups,), dtype=numpy.int32))
+        _gemv_workspaces[key] = ws
+    return ws
+
+
+def _aligned_rows(a, elements=8):
+    """A 1-D or 2-D CuPy array whose rows are contiguous and start on 16-byte boundaries."""
+    item = a.dtype.itemsize
+    if a.strides[-1] != item or a.data.ptr % 16:
+        return False
+    return a.ndim == 1 or (a.strides[0] % 16 == 0 and a.strides[0] // item % elements == 0)
+
+
+_GEMV_X = {dtypes.bf16.storage: "__nv_bfloat16", numpy.dtype(numpy.float16): "__half"}
+
+
+def gemv_mma_supported(x, weight, out, scale=None, bias=None, norm=None, residual=None, swiglu=False):
+    """Whether ``gemv_mma`` takes these CuPy arrays: x bf16 [B <= 16, K] (f16 too with int8 weights and no
+    prologue), weight bf16 or int8 [N, K] C-contiguous (int8 with float32 ``scale`` [N]; K % 16 == 0 for int8,
+    K % 8 == 0 for bf16), x rows, ``norm`` and the weight 16-byte aligned, bias float32 or bf16, residual bf16."""
+    if not (backend.is_cupy_array(x) and backend.is_cupy_array(weight)) or backend.reference_forced():
+        return False
+    xdt, wdt = numpy.dtype(x.dtype), numpy.dtype(weight.dtype)
+    if xdt not in _GEMV_X or x.ndim != 2 or not 1 <= x.shape[0] <= GEMV_MAX_ROWS or weight.ndim != 2:
+        return False
+    if wdt == numpy.int8:
+        if scale is None or scale.dtype != numpy.float32 or not scale.flags.c_contiguous:
+            return False
+    elif wdt != dtypes.bf16.storage or xdt != wdt:
+        return False
+    if xdt == numpy.float16 and (norm is not None or swiglu or residual is not None or out.dtype != xdt):
+        return False
+    k = weight.shape[1]
+    if not weight.flags.c_contiguous or weight.data.ptr % 16 or k % (16 // wdt.itemsize) or k == 0:
+        return False
+    if not _aligned_rows(x) or (norm is not None and (norm.dtype != xdt or not _aligned_rows(norm))):
+        return False
+    if bias is not None and (bias.dtype not in (numpy.float32, dtypes.bf16.storage) or not bias.flags.c_contiguous):
+        return False
+    if residual is not None and (residual.dtype != dtypes.bf16.storage or residual.strides[-1] != 2):
+        return False
+    return out.dtype in (xdt, numpy.dtype(numpy.float32)) and out.strides[-1] == out.dtype.itemsize
+
+
+def _gemv_kernel(name):
+    """The gemv.cu kernel ``name`` (a seam for bench/tune_gemv.py)."""
+    from ..cuda import runtime
+    return runtime.get_kernel("gemv.cu", name)
+
+
+def gemv_mma(x, weight, out, scale=None, bias=None, norm=None, eps=1e-6, swiglu=False, residual=None,
+             splits=None):
+    """out[b] = epilogue(prologue(x[b]) @ weight.T) for the rows of x, through gemv.cu's gemv_mma, on arrays that
+    ``gemv_mma_supported`` accepted: prologue RMSNorm with weight ``norm`` (and ``eps``) or SwiGLU of x = [gate | up]
+    ([B, 2K]); epilogue * scale[n] + bias[n] + residual[b, n] (residual may be ``out``). ``splits`` = (KS, S)
+    overrides the K split (tuning only). No allocation once the workspace has grown, so it can be captured."""
+    from ..cuda import runtime
     xp = backend.array_module(x)
-    m = x.shape[0]
-    if m == 0 or n == 0:
+    B, (N, K) = x.shape[0], weight.shape
+    if N == 0:
         return out
-    kernel = runtime.get_kernel("int8_gemm.cu", f"weight_only_gemm<{_CUDA_TYPE[numpy.dtype(x.dtype)]}>")
-    bs = _dummy_f32(xp) if bias is None else bias
-    rows = MAX_GRID_Y * WO_BM
-    for start in range(0, m, rows):
-        count = min(rows, m - start)
-        runtime.launch(kernel, (-(-n // WO_BN), -(-count // WO_BM)), (WO_THREADS,),
-                       (x[start:], wp, w_scale, bs, numpy.int32(bias is not None), out[start:], numpy.int32(count),
-                        numpy.int32(n), numpy.int32(x.shape[1]), numpy.int32(x.shape[1]), numpy.int32(wp.shape[1]),
-                        numpy.int32(out.shape[1])))
+    pro = 2 if swiglu else (1 if norm is not None else 0)
+    ks, S = splits or gemv_plan(N, K, weight.dtype.itemsize, pro, _sm_count(xp))
+    groups = -(-N // GEMV_BLOCK_ROWS)
+    part, counters = _gemv_workspace(xp, groups * S * GEMV_TILE_FLOATS if S > 1 else 1, groups)
+    xt = _GEMV_X[numpy.dtype(x.dtype)]
+    wt = "signed char" if weight.dtype == numpy.int8 else "__nv_bfloat16"
+    ot = "float" if out.dtype == numpy.float32 else xt
+    kernel = _gemv_kernel(f"gemv_mma<{wt}, {xt}, {ot}, {pro}>")
+    null, i32, i64 = numpy.uint64(0), numpy.int32, numpy.int64
+    bias_kind = 0 if bias is None else (1 if bias.dtype == numpy.float32 else 2)
+    runtime.launch(kernel, (groups, S), GEMV_THREADS,
+                   (x, i64(x.strides[0] // x.dtype.itemsize), null if norm is None else norm, numpy.float32(eps),
+                    weight, i64(K), null if scale is None else scale, null if bias is None else bias, i32(bias_kind),
+                    null if residual is None else residual, i64(0 if residual is None else residual.strides[0] // 2),
+                    out, i64(out.strides[0] // out.dtype.itemsize), i32(B), i32(N), i32(K), i32(ks), part, counters),
+                   shared_mem=gemv_shared_bytes(x.dtype.itemsize, B, ks, pro))
     return out
 
 
@@ -258,7 +366,18 @@ def weight_only_linear(x2, weight, w_scale, bias=None, weight_padded=None, out=N
         xpad = _pad_k(x2)
         wp = _pad_k(weight) if weight_padded is None else weight_padded
         out = xp.empty((x2.shape[0], n), dtype=storage) if out is None else out
-        return _weight_only_cuda(xpad, wp, w_scale, bias, n, out)
+        if x2.shape[0] == 0 or not gemv_mma_supported(xpad[:GEMV_MAX_ROWS], wp, out, scale=w_scale, bias=bias):
+            out[...] = _weight_only_reference(x2, weight, w_scale, bias, storage)
+            return out
+        for start in range(0, x2.shape[0], GEMV_MAX_ROWS):   # more rows: one launch per 16 (each reads W again)
+            rows = slice(start, start + GEMV_MAX_ROWS)
+            gemv_mma(xpad[rows], wp, out[rows], scale=w_scale, bias=bias)
+        return out
+    return _weight_only_reference(x2, weight, w_scale, bias, storage)
+
+
+def _weight_only_reference(x2, weight, w_scale, bias, storage):
+    xp = backend.array_module(x2)
     acc = xp.matmul(x2.astype(numpy.float32), weight.astype(numpy.float32).T)
     v = acc * w_scale[None, :]
     if bias is not None:

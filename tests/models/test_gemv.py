@@ -105,8 +105,8 @@ def test_argmax_and_embed_reference():
 
 
 def test_every_gemv_instantiation_compiles():
-    """The launcher's (weight, MAXB) -> ROWS table must match instantiations gemv.cu lists (compiled on the CPU by
-    tests/cuda/test_compile_all.py)."""
+    """The gemv_rows (ROWS table) and gemv_mma instantiations the launchers ask for are listed in gemv.cu, so
+    compiled on the CPU by tests/cuda/test_compile_all.py and built up front on the GPU."""
     from tessera_cp.cuda import runtime
     listed = set(runtime.parse_instantiations((runtime.SOURCE_DIR / "gemv.cu").read_text()))
     for (kind, maxb), rows in gemv._GEMV_ROWS.items():
@@ -115,6 +115,28 @@ def test_every_gemv_instantiation_compiles():
             assert f"gemv_rows<{wt}, __nv_bfloat16, {pro}, {maxb}, {rows}>" in listed
         if kind == "bf16":
             assert f"gemv_rows<{wt}, float, 1, {maxb}, {rows}>" in listed
+    for wt in ("signed char", "__nv_bfloat16"):
+        for pro in (0, 1, 2):
+            assert f"gemv_mma<{wt}, __nv_bfloat16, __nv_bfloat16, {pro}>" in listed
+    assert "gemv_mma<__nv_bfloat16, __nv_bfloat16, float, 1>" in listed      # the LM head's f32 logits
+    assert "gemv_mma<signed char, __half, __half, 0>" in listed              # CastedLinear with f16 activations
+
+
+@pytest.mark.parametrize("n, k", [(1, 16), (1, 5632), (300, 512), (2560, 2048), (8192, 8192), (28672, 8192),
+                                  (32000, 2048), (4097, 4112)])
+@pytest.mark.parametrize("itemsize", [1, 2])
+@pytest.mark.parametrize("prologue", [0, 1, 2])
+def test_gemv_split_plan(n, k, itemsize, prologue):
+    """Every K slice is a whole number of main-loop iterations no longer than the prologue allows (its staged x
+    fits in shared memory for 16 rows), the S slices cover K with none empty, and K is split no further than the
+    grid needs to reach GEMV_BLOCKS_PER_SM blocks per SM."""
+    casted = gemv.casted
+    ks, s = casted.gemv_plan(n, k, itemsize, prologue, sms=132)
+    assert ks % casted.GEMV_ITER_K[itemsize] == 0 and ks <= casted.GEMV_SPLIT_MAX[prologue]
+    assert (s - 1) * ks < k <= s * ks
+    assert casted.gemv_shared_bytes(2, casted.GEMV_MAX_ROWS, ks, prologue) <= 227 * 1024
+    groups = -(-n // casted.GEMV_BLOCK_ROWS)
+    assert s <= max(-(-k // casted.GEMV_SPLIT_MAX[prologue]), -(-casted.GEMV_BLOCKS_PER_SM * 132 // groups))
 
 
 # ------------------------------------------------------------------------------------------------ GPU kernels
@@ -123,6 +145,13 @@ def _cupy():
     if not backend.cuda_available():
         pytest.skip("needs a GPU")
     return cupy
+
+
+@pytest.fixture(params=["rows", "mma"])
+def decode_kernel(request, monkeypatch):
+    """Run a test with the decode step's products on gemv_rows and on gemv_mma."""
+    monkeypatch.setattr(gemv, "DECODE_KERNEL", {"bf16": request.param, "int8": request.param})
+    return request.param
 
 
 def _nan(cupy, shape, dtype):
@@ -134,7 +163,7 @@ def _nan(cupy, shape, dtype):
 @pytest.mark.parametrize("B, N, K", [(1, 1, 256), (1, 17, 5632), (3, 1000, 1008), (16, 4097, 256), (4, 33, 4112)])
 @pytest.mark.parametrize("prologue", ["plain", "norm", "swiglu"])
 @pytest.mark.parametrize("int8", [False, True])
-def test_gemv_kernel_low_precision_rule(B, N, K, prologue, int8):
+def test_gemv_kernel_low_precision_rule(B, N, K, prologue, int8, decode_kernel):
     cupy = _cupy()
     rng = numpy.random.default_rng(B * 7 + N + K)
     x, w, scale, g, bias, res = _inputs(rng, B, N, K, int8, prologue == "swiglu")
@@ -153,7 +182,7 @@ def test_gemv_kernel_low_precision_rule(B, N, K, prologue, int8):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("int8", [False, True])
-def test_gemv_kernel_float_logits_and_batch_invariance(int8):
+def test_gemv_kernel_float_logits_and_batch_invariance(int8, decode_kernel):
     """f32 output (the LM head) against float64; and every row of a batch of B equals the row computed alone, bit
     for bit, for B = 3 and 16 (the kernels' reduction order does not depend on B)."""
     cupy = _cupy()
@@ -225,7 +254,7 @@ def test_argmax_and_embed_kernels():
 
 
 @pytest.mark.gpu
-def test_kernels_replay_in_a_cuda_graph():
+def test_kernels_replay_in_a_cuda_graph(decode_kernel):
     """The kernels launch inside a stream capture (no cuBLAS, no host synchronisation) and the replay computes
     what the eager launches did."""
     cupy = _cupy()

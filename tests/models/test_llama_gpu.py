@@ -143,3 +143,24 @@ def test_layer_prefill_matches_the_tensor_forward(quantize):
     assert rel(x2, y.data) < 1e-2
     assert rel(k2, k.data) < 1e-2 and rel(v2, v.data) < 1e-2
     assert rel(x2, x.data) > 0.05          # the residual stream did change
+
+
+def test_generation_waits_for_work_queued_before_it(tiny):
+    """Weights changed on the caller's stream while that stream is still busy: generate() (on its own stream) must
+    see the new weights, giving the tokens a fully synchronised run gives."""
+    cupy = pytest.importorskip("cupy")
+    from tessera_cp.cuda import runtime
+    model = LlamaForCausalLM.from_pretrained(tiny[0], device="cuda")
+    gen = TextGenerator(model, max_batch=1, max_context=64)
+    before = gen.generate(PROMPT, 12, stop_tokens=[]).tokens
+    new_embed = model.embed_tokens.data[::-1].copy()                # a different model, same shapes
+    cupy.cuda.Device().synchronize()
+    spin = runtime.compile_source('extern "C" __global__ void spin(long long ns) { '
+                                  'for (long long t = 0; t < ns; t += 1000000) __nanosleep(1000000); }', "spin")
+    runtime.launch(spin, 1, 1, (numpy.int64(200_000_000),))         # ~0.2 s on the caller's stream, then:
+    model.embed_tokens.data[...] = new_embed
+    racing = gen.generate(PROMPT, 12, stop_tokens=[]).tokens
+    cupy.cuda.Device().synchronize()
+    settled = gen.generate(PROMPT, 12, stop_tokens=[]).tokens
+    assert settled != before                    # the change matters to the tokens, so the check below can fail
+    assert racing == settled
