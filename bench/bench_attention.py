@@ -15,7 +15,7 @@ import tessera_cp as tc
 A = importlib.import_module("tessera_cp.nn.attention")  # the module: tessera_cp.nn.attention is the function
 
 
-def _sdpa(q, k, v, causal, backend, grad=None):
+def _sdpa(q, k, v, causal, backend, grad=None, dropout_p=0.0):
     """A callable running torch SDPA on the same data with one backend, or None when torch or it is missing."""
     try:
         import torch
@@ -32,7 +32,7 @@ def _sdpa(q, k, v, causal, backend, grad=None):
 
     def run():
         with sdpa_kernel(which):
-            out = sdpa(qt, kt, vt, is_causal=causal, enable_gqa=gqa)
+            out = sdpa(qt, kt, vt, is_causal=causal, enable_gqa=gqa, dropout_p=dropout_p)
             if grad is not None:
                 out.backward(gt)
         return out
@@ -45,10 +45,10 @@ def _sdpa(q, k, v, causal, backend, grad=None):
     return run
 
 
-def _baselines(q, k, v, causal, grad=None):
+def _baselines(q, k, v, causal, grad=None, dropout_p=0.0):
     out = {}
     for name in ("flash", "cudnn"):
-        fn = _sdpa(q, k, v, causal, name, grad)
+        fn = _sdpa(q, k, v, causal, name, grad, dropout_p)
         if fn is not None:
             out[f"torch SDPA {name}"] = fn
     return out
@@ -90,6 +90,24 @@ def test_attention_forward_backward(cuda_bench, shape):
         A.attention(q, k, v, is_causal=causal).backward(dout)
     cuda_bench(f"attn fwd+bwd B{B} H{H} S{S} D{D}{' causal' if causal else ''}", ours, flops=flops,
                baselines=_baselines(q, k, v, causal, grad=dout))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backward", [False, True])
+def test_attention_dropout(cuda_bench, backward):
+    """Dropout 0.1 in the kernels (Philox regenerated in the backward), B4 H32 S4096 D128 causal; SDPA with the
+    same dropout beside it. FLOPs as without dropout."""
+    B, H, S, D, p = 4, 32, 4096, 128, 0.1
+    q, k, v = _inputs(B, H, H, S, S, D, grad=backward)
+    dout = tc.randn(B, H, S, D, dtype=tc.bf16, device="cuda") if backward else None
+    flops = int((3.5 if backward else 1) * 4 * B * H * S * S * D // 2)
+
+    def ours():
+        out = A.attention(q, k, v, is_causal=True, dropout_p=p, dropout_seed=1)
+        if backward:
+            out.backward(dout)
+    cuda_bench(f"attn {'fwd+bwd' if backward else 'fwd'} dropout {p} B{B} H{H} S{S} D{D} causal", ours, flops=flops,
+               baselines=_baselines(q, k, v, True, grad=dout, dropout_p=p))
 
 
 @pytest.mark.gpu

@@ -29,6 +29,11 @@
 // distinct bank groups. Limits: D % 32 == 0; rows of q/k/v contiguous (stride 1 along D) with 16-byte aligned rows.
 // MINB is the __launch_bounds__ minimum of blocks per SM (it sets the register budget). With masks or ALiBi
 // (EXTRA) the Python side picks MT = 1: MT = 2 spills heavily there.
+// Dropout (DROP, with EXTRA): after the online-softmax bookkeeping of a tile (the normaliser is that of the undropped
+// P, as in FlashAttention) the dropped elements of P are zeroed before P V, and 1 / (1 - p) is folded into the final
+// 1 / sum. The mask is a function of (seed, offset, b, h, i, j) only (Philox4x32-10, see Dropout below), so the
+// backward kernels regenerate it and the array reference (attention.py's dropout_keep_mask) reproduces it.
+// DROP = false compiles none of it (the PTX of those variants is unchanged by it).
 //
 // tessera-instantiate: attn_fwd<__nv_bfloat16, 128, 4, 2, 32, 2, 2, false>; attn_fwd<__nv_bfloat16, 64, 4, 2, 64, 2, 2, false>
 // tessera-instantiate: attn_fwd<__nv_bfloat16, 128, 4, 1, 64, 2, 2, false>; attn_fwd<__nv_bfloat16, 128, 4, 1, 64, 2, 2, true>
@@ -39,6 +44,8 @@
 // tessera-instantiate: attn_fwd<__nv_bfloat16, 32, 4, 1, 64, 2, 2, false>; attn_fwd<__nv_bfloat16, 96, 8, 1, 64, 1, 2, false>
 // tessera-instantiate: attn_fwd<__nv_bfloat16, 96, 4, 1, 64, 2, 2, false>; attn_fwd<__nv_bfloat16, 256, 8, 1, 32, 1, 2, false>
 // tessera-instantiate: attn_fwd<__nv_bfloat16, 128, 4, 2, 64, 2, 2, false>
+// tessera-instantiate: attn_fwd<__nv_bfloat16, 128, 4, 1, 64, 2, 2, true, true>; attn_fwd<__nv_bfloat16, 64, 4, 1, 64, 2, 2, true, true>
+// tessera-instantiate: attn_fwd<__half, 128, 4, 1, 64, 2, 2, true, true>; attn_fwd<__half, 64, 4, 1, 64, 2, 2, true, true>
 #ifndef TESSERA_ATTENTION_CU  // attention_bwd.cu includes this file
 #define TESSERA_ATTENTION_CU
 
@@ -167,6 +174,45 @@ __device__ __forceinline__ float masked_score(float x, const MaskArgs &m, const 
     return x;
 }
 
+// ---- dropout ------------------------------------------------------------------------------------------------
+// Philox4x32-10 (Salmon et al., SC'11): 10 rounds of two 32 x 32 -> 64-bit products, the key bumped by the Weyl
+// constants after each round. The same function as attention.py's philox4x32 (checked against Random123's
+// known answers on both).
+__device__ __forceinline__ uint4 philox4x32_10(uint4 c, unsigned k0, unsigned k1) {
+#pragma unroll
+    for (int round = 0; round < 10; ++round) {
+        const unsigned long long p0 = static_cast<unsigned long long>(c.x) * 0xD2511F53u;
+        const unsigned long long p1 = static_cast<unsigned long long>(c.z) * 0xCD9E8D57u;
+        c = make_uint4(static_cast<unsigned>(p1 >> 32) ^ c.y ^ k0, static_cast<unsigned>(p1),
+                       static_cast<unsigned>(p0 >> 32) ^ c.w ^ k1, static_cast<unsigned>(p0));
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+    }
+    return c;
+}
+
+// Dropout of P (attention.py's dropout_keep_mask is the same rule, written for arrays): element (b, h, i, j) of
+// [B, Hq, Sq, Sk] takes 16 bits of the Philox call with key (seed low, seed high) and counter
+//   (4 (j / 16) + (j % 8) / 2,  8 (i / 16) + i % 8,  b Hq + h,  offset):
+// word 2 ((i / 8) % 2) + (j / 8) % 2, its low half for even j, high half for odd j; kept when those bits >= thr
+// (thr = round(p 2^16)). One call covers rows i, i + 8 and keys j, j + 1, j + 8, j + 9: exactly the 8 elements of
+// a 16-key step that an mma.sync accumulator thread holds in the forward and dQ kernels (dK/dV's transposed tiles
+// use 4 of them). The kept values are scaled by `scale` = 1 / (1 - thr / 2^16): the expectation is preserved.
+struct Dropout {
+    unsigned k0, k1, offset, thr;
+    float scale;
+};
+
+__device__ __forceinline__ uint4 drop_bits(const Dropout &d, unsigned key_quad, unsigned row_pair, unsigned head) {
+    return philox4x32_10(make_uint4(key_quad, row_pair, head, d.offset), d.k0, d.k1);
+}
+
+// Whether the element that takes word `word` (a compile-time constant), half `half` of `w` is kept.
+__device__ __forceinline__ bool drop_keep(const uint4 &w, int word, int half, unsigned thr) {
+    const unsigned x = word == 0 ? w.x : word == 1 ? w.y : word == 2 ? w.z : w.w;
+    return (half ? x >> 16 : x & 0xffffu) >= thr;
+}
+
 }  // namespace tessera_attn
 
 // ---- the forward kernel ---------------------------------------------------------------------------------------
@@ -175,7 +221,8 @@ using namespace tessera_attn;
 // MT = m16 row tiles per warp: with MT = 2 each K/V fragment read from shared memory serves two row tiles (half the
 // shared-memory traffic per MMA, two independent MMA chains); Q's A-fragments then come from shared memory at each
 // tile unless they fit in registers beside the accumulators (Q_IN_REGS, decided from the register budget).
-template <typename T, int D, int NWARPS, int MT, int BN, int MINB, int STAGES, bool EXTRA>
+// DROP (dropout, see Dropout above) needs EXTRA (every tile masked) and no packing; DROP = false compiles none of it.
+template <typename T, int D, int NWARPS, int MT, int BN, int MINB, int STAGES, bool EXTRA, bool DROP = false>
 __global__ void __launch_bounds__(NWARPS * 32, MINB)
 attn_fwd(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v, T *__restrict__ o,
          float *__restrict__ lse, float *__restrict__ o_part, float *__restrict__ lse_part, int *__restrict__ counters,
@@ -183,7 +230,8 @@ attn_fwd(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__
          const float *__restrict__ slopes, int Hq, int Hkv, int Sq, int Sk, long long q_sb, long long q_sh,
          long long q_ss, long long k_sb, long long k_sh, long long k_ss, long long v_sb, long long v_sh,
          long long v_ss, long long m_sb, long long m_sh, long long m_si, long long m_sj, int slopes_sb,
-         float scale, int causal, int mask_kind, int alibi, int pack, int n_splits, int tiles_per_split) {
+         float scale, int causal, int mask_kind, int alibi, int pack, int n_splits, int tiles_per_split,
+         unsigned drop_k0, unsigned drop_k1, unsigned drop_offset, unsigned drop_thr, float drop_scale) {
     constexpr int WR = 16 * MT;  // rows per warp
     constexpr int BM = WR * NWARPS, NTHREADS = 32 * NWARPS, SROW = D + 8;
     constexpr int RB = SROW * static_cast<int>(sizeof(T));  // bytes per shared row
@@ -199,6 +247,7 @@ attn_fwd(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__
     constexpr bool FAST_LOAD = NTHREADS % CH == 0 && (BN * CH) % NTHREADS == 0;
     constexpr int RPI = FAST_LOAD ? NTHREADS / CH : 1, LOAD_IT = FAST_LOAD ? BN / RPI : 1;
     static_assert(D % 32 == 0 && BN % 16 == 0 && STAGES >= 2, "tile shape");
+    static_assert(!DROP || EXTRA, "dropout runs in the masked variant");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T *sQ = reinterpret_cast<T *>(smem_raw);
@@ -391,6 +440,23 @@ attn_fwd(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__
                     acc[mt][d][3] *= alpha[mt][1];
                 }
         }
+        // Dropout after the bookkeeping (the sums above are of the undropped P, as in FlashAttention): one Philox
+        // call per 16-key step and row tile. Unpacked rows (the host never packs with dropout): head = blockIdx.x.
+        if constexpr (DROP) {
+            const Dropout drop{drop_k0, drop_k1, drop_offset, drop_thr, drop_scale};
+            const unsigned quad0 = t * (BN / 4) + (lane & 3), pair0 = (m0 + w0) / 2 + lane / 4;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int kt = 0; kt < BN / 16; ++kt) {
+                    const uint4 w = drop_bits(drop, quad0 + 4 * kt, pair0 + 8 * mt, blockIdx.x);
+#pragma unroll
+                    for (int jn = 0; jn < 2; ++jn)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            if (!drop_keep(w, 2 * (e >> 1) + jn, e & 1, drop.thr)) s[mt][2 * kt + jn][e] = 0.0f;
+                }
+        }
         // O += P V: the S accumulators of key groups 2kt, 2kt+1 are the A-fragment of key step kt (packed first:
         // half the registers of S).
         unsigned p[MT][BN / 16][4];
@@ -469,7 +535,7 @@ attn_fwd(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__
             sum += __shfl_xor_sync(0xffffffffu, sum, 1);
             sum += __shfl_xor_sync(0xffffffffu, sum, 2);
             const bool seen = sum > 0.0f;
-            inv[mt][r] = seen ? 1.0f / sum : 0.0f;
+            inv[mt][r] = seen ? (DROP ? drop_scale : 1.0f) / sum : 0.0f;
             row_lse[mt][r] = seen ? (row_max[mt][r] + __log2f(sum)) * LN2 : (n_splits > 1 ? neg_inf() : pos_inf());
         }
     if (n_splits > 1) {  // f32 partials, straight from the fragments (decode: few rows)

@@ -12,7 +12,10 @@
 // As in the forward, tiles that no mask touches run a variant with no index arithmetic (exp2 with the scale folded
 // in); masks, causal alignment and ALiBi are the forward's (masked_score) on the others. dkdv needs no masking
 // for padding rows: padding queries have zero Q and dO rows and zero stats (P = 1, dP = Dr = 0: no contribution),
-// padding keys only touch their own accumulators, which are never stored. Per-lane shared addresses are computed
+// padding keys only touch their own accumulators, which are never stored. Dropout (DROP, with EXTRA) regenerates
+// the forward's mask from the seed (attention.cu's Dropout): dP of a dropped element is 0, of a kept one
+// dP / (1 - p); dV sums the dropped P (scaled when stored); Dr = rowsum(dO * O) is unchanged, since O is made of
+// the dropped P. DROP = false compiles none of it. Per-lane shared addresses are computed
 // once (ldmatrix with immediate offsets). Row-major [.., S, D] tiles as in the forward; dO, O, dQ, dK, dV
 // contiguous. Limits: D % 32 == 0 and D <= 128 (dK and dV accumulators live in registers).
 //
@@ -29,6 +32,10 @@
 // tessera-instantiate: attn_bwd_dkdv<__half, 128, 4, 32, false>; attn_bwd_dkdv<__half, 128, 4, 32, true>
 // tessera-instantiate: attn_bwd_dq<__nv_bfloat16, 32, 4, 1, 64, false>; attn_bwd_dkdv<__nv_bfloat16, 32, 8, 32, false>
 // tessera-instantiate: attn_bwd_dq<__nv_bfloat16, 96, 8, 1, 32, false>; attn_bwd_dkdv<__nv_bfloat16, 96, 8, 32, false>
+// tessera-instantiate: attn_bwd_dq<__nv_bfloat16, 64, 4, 1, 64, true, true>; attn_bwd_dq<__nv_bfloat16, 128, 4, 1, 32, true, true>
+// tessera-instantiate: attn_bwd_dq<__half, 64, 4, 1, 64, true, true>; attn_bwd_dq<__half, 128, 4, 1, 32, true, true>
+// tessera-instantiate: attn_bwd_dkdv<__nv_bfloat16, 64, 4, 32, true, true>; attn_bwd_dkdv<__nv_bfloat16, 128, 4, 16, true, true>
+// tessera-instantiate: attn_bwd_dkdv<__half, 64, 4, 32, true, true>; attn_bwd_dkdv<__half, 128, 4, 16, true, true>
 #include "attention.cu"
 
 // stats[row] = (LSE * log2(e), sum_d dO[row, d] * O[row, d]); rows = B * Hq * Sq, dO and O contiguous [rows, D].
@@ -90,14 +97,15 @@ __device__ __forceinline__ void store_warp_rows(T *dst, T *stage, const float (&
 }
 
 // ---- dQ ---------------------------------------------------------------------------------------------------------
-template <typename T, int D, int NWARPS, int MT, int BN, bool EXTRA>
+template <typename T, int D, int NWARPS, int MT, int BN, bool EXTRA, bool DROP = false>
 __global__ void __launch_bounds__(NWARPS * 32, (NWARPS <= 4 ? 2 : 1))
 attn_bwd_dq(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v, const T *__restrict__ dout,
             const float2 *__restrict__ stats, T *__restrict__ dq, const float *__restrict__ mask_f,
             const unsigned char *__restrict__ mask_b, const float *__restrict__ slopes, int Hq, int Hkv, int Sq,
             int Sk, long long q_sb, long long q_sh, long long q_ss, long long k_sb, long long k_sh, long long k_ss,
             long long v_sb, long long v_sh, long long v_ss, long long m_sb, long long m_sh, long long m_si,
-            long long m_sj, int slopes_sb, float scale, int causal, int mask_kind, int alibi) {
+            long long m_sj, int slopes_sb, float scale, int causal, int mask_kind, int alibi, unsigned drop_k0,
+            unsigned drop_k1, unsigned drop_offset, unsigned drop_thr, float drop_scale) {
     constexpr int MINB = NWARPS <= 4 ? 2 : 1;
     constexpr int WR = 16 * MT, BM = WR * NWARPS, NTHREADS = 32 * NWARPS, SROW = D + 8;
     constexpr int RB = SROW * static_cast<int>(sizeof(T)), STAGE = BN * RB;
@@ -108,6 +116,7 @@ attn_bwd_dq(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
     constexpr bool FAST_LOAD = NTHREADS % CH == 0 && (BN * CH) % NTHREADS == 0;
     constexpr int RPI = FAST_LOAD ? NTHREADS / CH : 1, LOAD_IT = FAST_LOAD ? BN / RPI : 1;
     static_assert(D % 32 == 0 && D <= 128 && BN % 16 == 0, "tile shape");
+    static_assert(!DROP || EXTRA, "dropout runs in the masked variant");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T *sQ = reinterpret_cast<T *>(smem_raw);
@@ -230,13 +239,22 @@ attn_bwd_dq(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
             }
         }
         // P = exp2(scaled, masked score - LSE log2); dS = P * (dP - Dr), packed as the A-fragments of dQ += dS K.
+        // With dropout, dP of a dropped element is 0 and of a kept one dP / (1 - p): the forward's mask (Dropout),
+        // one Philox call per 16-key step and row tile as there.
         const int j0 = t * BN + 2 * (lane & 3);
         unsigned dsf[MT][BN / 16][4];
+        const Dropout drop{drop_k0, drop_k1, drop_offset, drop_thr, drop_scale};
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int n = 0; n < NS; ++n) {
                 float ds[4];
+                [[maybe_unused]] uint4 dw;
+                if constexpr (DROP) {
+                    if (n % 2 == 0)
+                        dw = drop_bits(drop, t * (BN / 4) + 4 * (n / 2) + (lane & 3), (m0 + w0) / 2 + 8 * mt + lane / 4,
+                                       blockIdx.x);
+                }
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     float p;
@@ -248,7 +266,10 @@ attn_bwd_dq(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
                     } else {
                         p = exp2_approx(fmaf(s[mt][n][e], scale_log2, -lse2[mt][e >> 1]));
                     }
-                    ds[e] = p * (dp[mt][n][e] - drow[mt][e >> 1]);
+                    float dpe = dp[mt][n][e];
+                    if constexpr (DROP)
+                        dpe = drop_keep(dw, 2 * (e >> 1) + n % 2, e & 1, drop.thr) ? dpe * drop.scale : 0.0f;
+                    ds[e] = p * (dpe - drow[mt][e >> 1]);
                 }
                 dsf[mt][n / 2][(n & 1) * 2] = Pack<T>::two(ds[0], ds[1]);
                 dsf[mt][n / 2][(n & 1) * 2 + 1] = Pack<T>::two(ds[2], ds[3]);
@@ -302,7 +323,7 @@ attn_bwd_dq(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
 }
 
 // ---- dK, dV -----------------------------------------------------------------------------------------------------
-template <typename T, int D, int NWARPS, int BMQ, bool EXTRA>
+template <typename T, int D, int NWARPS, int BMQ, bool EXTRA, bool DROP = false>
 __global__ void __launch_bounds__(NWARPS * 32, (NWARPS <= 4 ? 2 : 1))
 attn_bwd_dkdv(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,
               const T *__restrict__ dout, const float2 *__restrict__ stats, T *__restrict__ dk, T *__restrict__ dv,
@@ -310,7 +331,8 @@ attn_bwd_dkdv(const T *__restrict__ q, const T *__restrict__ k, const T *__restr
               const float *__restrict__ slopes, int Hq, int Hkv, int Sq, int Sk, long long q_sb, long long q_sh,
               long long q_ss, long long k_sb, long long k_sh, long long k_ss, long long v_sb, long long v_sh,
               long long v_ss, long long m_sb, long long m_sh, long long m_si, long long m_sj, int slopes_sb,
-              float scale, int causal, int mask_kind, int alibi) {
+              float scale, int causal, int mask_kind, int alibi, unsigned drop_k0, unsigned drop_k1,
+              unsigned drop_offset, unsigned drop_thr, float drop_scale) {
     constexpr int MINB = NWARPS <= 4 ? 2 : 1;
     constexpr int BNK = 16 * NWARPS, NTHREADS = 32 * NWARPS, SROW = D + 8;
     constexpr int RB = SROW * static_cast<int>(sizeof(T)), QSTAGE = BMQ * RB;
@@ -322,6 +344,7 @@ attn_bwd_dkdv(const T *__restrict__ q, const T *__restrict__ k, const T *__restr
     constexpr bool FAST_LOAD = NTHREADS % CH == 0 && (BMQ * CH) % NTHREADS == 0;
     constexpr int RPI = FAST_LOAD ? NTHREADS / CH : 1, LOAD_IT = FAST_LOAD ? BMQ / RPI : 1;
     static_assert(D % 32 == 0 && D <= 128 && BMQ % 16 == 0, "tile shape");
+    static_assert(!DROP || EXTRA, "dropout runs in the masked variant");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T *sK = reinterpret_cast<T *>(smem_raw);
@@ -425,13 +448,26 @@ attn_bwd_dkdv(const T *__restrict__ q, const T *__restrict__ k, const T *__restr
             }
         }
         // Element (key_r[e >> 1], query m0 + c) with c = 8n + 2(lane % 4) + (e & 1): P^T and dS^T, packed.
+        // With dropout (the forward's mask, see Dropout): P^T of a dropped element is 0 (dV is scaled by 1 / (1 - p)
+        // when stored) and its dP 0, of a kept one dP / (1 - p). This thread's keys are one key quad (both in one
+        // half of the 16 bits), its queries c and c + 1 two row pairs: two Philox calls per 16 queries.
         unsigned pa[BMQ / 16][4], da[BMQ / 16][4];
         const int rel0 = key_r[0] - diag - m0 - 2 * (lane & 3);  // masked when 8n + (e & 1) < rel (causal)
+        const Dropout drop{drop_k0, drop_k1, drop_offset, drop_thr, drop_scale};
 #pragma unroll
         for (int n = 0; n < NQ; ++n) {
             const float4 st2 = *reinterpret_cast<const float4 *>(tS + n * 8 + 2 * (lane & 3));  // rows c, c + 1
             const float l2[2] = {st2.x, st2.z}, dr[2] = {st2.y, st2.w};
             float p[4], ds[4];
+            [[maybe_unused]] uint4 dw[2];
+            if constexpr (DROP) {
+                if (n % 2 == 0) {
+                    const unsigned quad = kw0 / 4 + lane / 8, head = b * Hq + h;
+                    const unsigned pair = m0 / 2 + 8 * (n / 2) + 2 * (lane & 3);
+                    dw[0] = drop_bits(drop, quad, pair, head);
+                    dw[1] = drop_bits(drop, quad, pair + 1, head);
+                }
+            }
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 if constexpr (MASKED) {
@@ -446,7 +482,16 @@ attn_bwd_dkdv(const T *__restrict__ q, const T *__restrict__ k, const T *__restr
                 } else {
                     p[e] = exp2_approx(fmaf(s[n][e], scale_log2, -l2[e & 1]));
                 }
-                ds[e] = p[e] * (dp[n][e] - dr[e & 1]);
+                float dpe = dp[n][e];
+                if constexpr (DROP) {
+                    if (!drop_keep(dw[e & 1], 2 * (n % 2) + (e >> 1), (lane >> 2) & 1, drop.thr)) {
+                        ds[e] = -p[e] * dr[e & 1];
+                        p[e] = 0.0f;
+                        continue;
+                    }
+                    dpe *= drop.scale;
+                }
+                ds[e] = p[e] * (dpe - dr[e & 1]);
             }
             pa[n / 2][(n & 1) * 2] = Pack<T>::two(p[0], p[1]);
             pa[n / 2][(n & 1) * 2 + 1] = Pack<T>::two(p[2], p[3]);
@@ -504,5 +549,6 @@ attn_bwd_dkdv(const T *__restrict__ q, const T *__restrict__ k, const T *__restr
     store_warp_rows<T, D, SROW, 1>(dk + kv_base * D, sK + warp * 16 * SROW,
                                    reinterpret_cast<const float(&)[1][NO][4]>(acc_dk), scale, valid, lane);
     store_warp_rows<T, D, SROW, 1>(dv + kv_base * D, sV + warp * 16 * SROW,
-                                   reinterpret_cast<const float(&)[1][NO][4]>(acc_dv), 1.0f, valid, lane);
+                                   reinterpret_cast<const float(&)[1][NO][4]>(acc_dv), DROP ? drop_scale : 1.0f,
+                                   valid, lane);
 }

@@ -216,7 +216,7 @@ def _attend_causal(q, k, v, scale):
     """Causal attention output [B, Hq, S, D] of raw arrays [B, H, S, D] (any strides): the kernel when it takes
     them, else the reference."""
     attn = importlib.import_module("tessera_cp.nn.attention")
-    if attn._kernel_ready(q, k, v, None, None, 0.0):
+    if attn._kernel_ready(q, k, v, None, None, False):
         return attn._forward_kernel(q, k, v, None, None, scale, True)[0]
     return attn._forward_reference(q, k, v, None, None, scale, True, None)[0]
 

@@ -9,26 +9,39 @@ reads KV head ``h // (Hq // Hkv)``, nothing is expanded or copied) computes ``so
 * ``mask``: boolean (True = attend, as PyTorch's SDPA) or additive float, broadcastable to ``[B, Hq, Sq, Sk]``;
 * ``alibi_slopes`` (``[Hq]`` or ``[B, Hq]``): bias ``-slope * |i + Sk - Sq - j|``, computed in the kernel;
 * a row that sees no key at all gives zeros (never NaN) and a log-sum-exp of +inf;
-* ``dropout_p``: dropout on the probabilities with a counter-based RNG (Philox4x32-10 keyed by ``dropout_seed``,
-  counter = element index and ``dropout_offset``), so the same seed gives the same mask, forward and backward.
+* ``dropout_p``: dropout on the normalised probabilities (the softmax normaliser is that of the undropped ones, as
+  in FlashAttention), kept ones scaled by 1 / (1 - p). The mask comes from a counter-based RNG, Philox4x32-10 keyed
+  by ``dropout_seed`` (an int, a ``tessera_cp.Generator`` to draw one from, or None: the default generator) with
+  ``dropout_offset`` (0 <= offset < 2^32) and the element's (batch, head, query, key) in the counter, so the same
+  seed and offset give the same mask on every backend, forward and backward (``dropout_keep_mask`` says the exact
+  rule). Each element takes 16 random bits, so p is rounded to a multiple of 2^-16 (the scale uses the rounded p:
+  the expectation is exact); a p under 2^-17 rounds to no dropout.
 
 The reference (array-module generic: NumPy on the CPU, CuPy on the GPU) computes in f32 for half inputs (f64 for
 f64) and is the oracle for the kernels. The CUDA path (``cuda/attention.cu``, ``cuda/attention_bwd.cu``) runs for
-CuPy bf16/f16 inputs with head dim 32, 64, 96, 128 or 256 (backward: up to 128), equal q/k and v head dims and no
-dropout, unless ``TESSERA_REFERENCE=1``; short queries against long keys (decode) pack the query heads of a KV group
-into one tile and split the keys across blocks (flash-decoding), merged by log-sum-exp. The backward recomputes the
-probabilities from the saved log-sum-exp (nothing S x S is kept), and is deterministic (no atomics).
+CuPy bf16/f16 inputs with head dim 32, 64, 96, 128 or 256 (backward: up to 128; dropout: 64 and 128) and equal q/k
+and v head dims, unless ``TESSERA_REFERENCE=1``; short queries against long keys (decode) pack the query heads of a
+KV group into one tile and split the keys across blocks (flash-decoding), merged by log-sum-exp. The backward
+recomputes the probabilities from the saved log-sum-exp (nothing S x S is kept) and the dropout mask from the
+seed, and is deterministic (no atomics).
+
+Host time: a call that records no graph (no input requires grad, or grad mode off) without mask, ALiBi or dropout
+(the inference and decode case) takes a short path: its launch (kernel, grid, argument block, scratch buffers) is
+built once per shape, strides, dtype, scale, causality, device and stream, after the full argument checks ran once
+for that combination; later calls only read the shapes, allocate the output and launch through the driver.
 """
+import ctypes
 import math
 import os
+import threading
 
 import numpy
 
 from .. import backend, dtypes
-from ..autograd import Function
+from ..autograd import Function, is_grad_enabled
 from ..errors import DeviceError, DTypeError, ShapeError, TesseraError
 from ..precision import accumulate_storage
-from ..tensor import Tensor, cat, randint, tensor, where
+from ..tensor import Generator, Tensor, cat, randint, tensor, where
 from .position import alibi_slopes as slope_table
 
 __all__ = ["attention", "flash_attention", "grouped_query_attention", "multi_query_attention", "chunked_attention",
@@ -50,6 +63,11 @@ _MASKED_TILES = {32: (4, 1, 64, 2, 2), 64: (4, 1, 64, 2, 2), 96: (4, 1, 64, 2, 2
                  256: (8, 1, 32, 1, 2)}
 _DQ_TILES = {32: (4, 1, 64), 64: (4, 2, 32), 96: (8, 1, 32), 128: (4, 2, 32)}
 _DKDV_TILES = {32: (8, 32), 64: (4, 64), 96: (8, 32), 128: (4, 32)}
+# With dropout (the kernels' EXTRA and DROP code, Philox in the inner loop): the largest tiles that compile without
+# spills (nvcc --resource-usage, sm_90a), forward as _FWD_TILES, dQ as _DQ_TILES, dK/dV as _DKDV_TILES.
+_DROP_TILES = {64: (4, 1, 64, 2, 2), 128: (4, 1, 64, 2, 2)}
+_DROP_DQ_TILES = {64: (4, 1, 64), 128: (4, 1, 32)}
+_DROP_DKDV_TILES = {64: (4, 32), 128: (4, 16)}
 _TARGET_BLOCKS_PER_SM = 2  # split-KV aims at this many blocks per multiprocessor when a launch is too small
 
 
@@ -81,19 +99,38 @@ def philox4x32(counter, key, rounds=10):
     return c0, c1, c2, c3
 
 
+def _drop_threshold(p):
+    """Dropout's keep threshold on 16 random bits: round(p * 2^16), at most 2^16 - 1 (0: no dropout)."""
+    return min(int(p * 65536.0 + 0.5), 65535)
+
+
+def _drop_scale(threshold):
+    """1 / (1 - p) for the rounded p = threshold / 2^16."""
+    return 65536.0 / (65536 - threshold)
+
+
 def dropout_keep_mask(shape, p, seed, offset=0, xp=numpy):
     """The boolean keep-mask attention's dropout uses for probabilities of ``shape`` ([B, Hq, Sq, Sk]).
 
-    Element f (row-major flat index) takes 32-bit word f % 4 of Philox4x32-10 with key = (seed low, seed high)
-    and counter = (f // 4 low, f // 4 high, offset low, offset high); it is kept when that word >= p * 2^32.
+    Element (b, h, i, j) takes 16 bits of Philox4x32-10 with key (seed low 32 bits, seed high 32 bits) and counter
+    (4 (j // 16) + (j % 8) // 2,  8 (i // 16) + i % 8,  b Hq + h,  offset): of output word 2 ((i // 8) % 2) +
+    (j // 8) % 2, the low half for even j and the high half for odd j. It is kept when those bits are
+    >= round(p 2^16). (One Philox call thus covers rows i, i + 8 and keys j, j + 1, j + 8, j + 9: the elements one
+    thread of the kernels' mma.sync tiles holds.)
     """
-    n = int(numpy.prod(shape))
-    groups = xp.arange((n + 3) // 4, dtype=xp.uint64)
-    words = philox4x32((groups & _U32, groups >> 32, offset & _U32, (offset >> 32) & _U32),
-                       (seed & _U32, (seed >> 32) & _U32))
-    bits = xp.stack(words, axis=-1).reshape(-1)[:n]
-    threshold = min(int(p * 4294967296.0), 4294967295)
-    return (bits >= threshold).reshape(shape)
+    B, H, Sq, Sk = (int(n) for n in shape)
+    u64, seed, offset = xp.uint64, int(seed), int(offset)
+    i, j = xp.arange(Sq, dtype=u64), xp.arange(Sk, dtype=u64)
+    pair = (i >> 4) * 8 + (i & 7)             # counter word 1 of query row i
+    quad = (j >> 4) * 4 + ((j & 7) >> 1)      # counter word 0 of key j
+    n_pair, n_quad = ((Sq - 1) // 16 + 1) * 8, ((Sk - 1) // 16 + 1) * 4
+    words = philox4x32((xp.arange(n_quad, dtype=u64)[None, None, :], xp.arange(n_pair, dtype=u64)[None, :, None],
+                        xp.arange(B * H, dtype=u64)[:, None, None], offset & _U32), (seed & _U32, (seed >> 32) & _U32))
+    words = xp.stack([xp.broadcast_to(w, (B * H, n_pair, n_quad)) for w in words], axis=-1)
+    which = (((i >> 3) & 1) * 2)[:, None] + ((j >> 3) & 1)[None, :]
+    bits = words[:, pair.astype(xp.intp)[:, None], quad.astype(xp.intp)[None, :], which.astype(xp.intp)]
+    bits = (bits >> ((j & 1) * 16)[None, None, :]) & 0xFFFF
+    return (bits >= _drop_threshold(p)).reshape(B, H, Sq, Sk)
 
 
 # ------------------------------------------------------------------------------------------------ the reference
@@ -167,14 +204,26 @@ def _backward_reference(grad, q, k, v, mask, slopes, lse, scale, causal, keep_sc
 
 
 # ------------------------------------------------------------------------------------------------ the CUDA path
-def _kernel_ready(q, k, v, mask, slopes, dropout_p):
-    if os.environ.get("TESSERA_REFERENCE", "") == "1" or dropout_p > 0:
+def _kernel_ready(q, k, v, mask, slopes, dropout):
+    """Whether the kernels take these arrays; ``dropout``: whether dropout is on (threshold > 0)."""
+    if os.environ.get("TESSERA_REFERENCE", "") == "1":
         return False
     arrays = [a for a in (q, k, v, mask, slopes) if a is not None]
     if not all(backend.is_cupy_array(a) for a in arrays):
         return False
     return (q.dtype in _KERNEL_TYPES and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[-1] in _FWD_TILES
-            and v.shape[-1] == q.shape[-1])
+            and v.shape[-1] == q.shape[-1] and (not dropout or q.shape[-1] in _DROP_TILES))
+
+
+def _drop_args(drop):
+    """The kernels' trailing dropout arguments (Philox key words, offset, threshold, 1 / (1 - p)) for ``drop`` =
+    (seed, offset, threshold) or None."""
+    u32 = numpy.uint32
+    if drop is None:
+        return (u32(0), u32(0), u32(0), u32(0), numpy.float32(1.0))
+    seed, offset, threshold = drop
+    return (u32(seed & _U32), u32((seed >> 32) & _U32), u32(offset), u32(threshold),
+            numpy.float32(_drop_scale(threshold)))
 
 
 def _rows_ready(x):
@@ -307,12 +356,13 @@ def _scalar_args(values):
 _plans = {}  # unmasked forward: (shapes, strides, dtype, scale, causal, device, stream) -> _forward_plan(...)
 
 
-def _forward_kernel(q, k, v, mask, slopes, scale, causal):
-    """(out, lse) from the CUDA kernels. Without mask or ALiBi the launch is planned once per shape, strides,
-    scale, device and stream (decode is bound by this host time), then only outputs are allocated."""
+def _forward_kernel(q, k, v, mask, slopes, scale, causal, drop=None):
+    """(out, lse) from the CUDA kernels; ``drop``: None or dropout's (seed, offset, threshold). Without mask, ALiBi
+    or dropout the launch is planned once per shape, strides, scale, device and stream, then only outputs are
+    allocated."""
     xp = backend.array_module(q)
-    if mask is not None or slopes is not None or (q.data.ptr | k.data.ptr | v.data.ptr) & 15:
-        return _run_forward(_forward_plan(q, k, v, mask, slopes, scale, causal), q, k, v, xp)
+    if mask is not None or slopes is not None or drop is not None or (q.data.ptr | k.data.ptr | v.data.ptr) & 15:
+        return _run_forward(_forward_plan(q, k, v, mask, slopes, scale, causal, drop), q, k, v, xp)
     key = (q.shape, k.shape, v.shape, q.strides, k.strides, v.strides, q.dtype, scale, causal,
            xp.cuda.runtime.getDevice(), xp.cuda.get_current_stream().ptr)
     plan = _plans.get(key)
@@ -326,7 +376,7 @@ def _forward_kernel(q, k, v, mask, slopes, scale, causal):
 
 
 def _run_forward(plan, q, k, v, xp):
-    kernel, grid, block, smem, tail, o_shape, lse_shape, inputs, _ = plan
+    kernel, grid, block, smem, tail, o_shape, lse_shape, inputs = plan[:8]
     if inputs is not None:  # the plan's own (contiguous) copies
         q, k, v = inputs
     o = _alloc(xp, o_shape, q.dtype)
@@ -335,9 +385,10 @@ def _run_forward(plan, q, k, v, xp):
     return o, lse
 
 
-def _forward_plan(q, k, v, mask, slopes, scale, causal):
+def _forward_plan(q, k, v, mask, slopes, scale, causal, drop=None):
     """Everything a forward launch needs but the outputs: (kernel, grid, block, shared memory, arguments after
-    q, k, v, o, lse, output shapes, contiguous copies of q, k, v or None, whether the plan may be kept)."""
+    q, k, v, o, lse (as CuPy argument objects), output shapes, contiguous copies of q, k, v or None, whether the
+    plan may be kept, the same arguments as arrays and NumPy scalars)."""
     xp = backend.array_module(q)
     i32, f32 = numpy.int32, numpy.float32
     B, Hq, Sq, D = q.shape
@@ -346,10 +397,14 @@ def _forward_plan(q, k, v, mask, slopes, scale, causal):
     ctype = _KERNEL_TYPES[q.dtype]
     # Short queries of a KV group (decode) share one tile when that reads each K/V byte fewer times.
     fwd, dec = _FWD_TILES[D], _DECODE_TILES[D]
-    pack = G > 1 and -(-G * Sq // (16 * dec[0] * dec[1])) < G * -(-Sq // (16 * fwd[0] * fwd[1]))
+    # (Dropout's Philox counter takes rows i and i + 8 of one head from one tile: no packing there.)
+    pack = drop is None and G > 1 and -(-G * Sq // (16 * dec[0] * dec[1])) < G * -(-Sq // (16 * fwd[0] * fwd[1]))
     pointers, m_st, slope_sb, kind, alibi = _mask_args(mask, slopes, xp)
-    extra = "true" if (kind or alibi) else "false"
-    warps, mt, bn, minb, stages = dec if pack else (_MASKED_TILES[D] if kind or alibi else fwd)
+    extra = "true" if (kind or alibi or drop is not None) else "false"
+    if drop is not None:
+        warps, mt, bn, minb, stages = _DROP_TILES[D]
+    else:
+        warps, mt, bn, minb, stages = dec if pack else (_MASKED_TILES[D] if kind or alibi else fwd)
     bm = 16 * mt * warps
     q2, q_st = _rows_ready(q)
     k2, k_st = _rows_ready(k)
@@ -371,20 +426,22 @@ def _forward_plan(q, k, v, mask, slopes, scale, causal):
     else:
         o_part = lse_part = dummy_f
         tickets = _device_info(xp)[4]
-    kernel = _kernel("attention.cu", f"attn_fwd<{ctype}, {D}, {warps}, {mt}, {bn}, {minb}, {stages}, {extra}>")
+    dropout = "" if drop is None else ", true"
+    kernel = _kernel("attention.cu",
+                     f"attn_fwd<{ctype}, {D}, {warps}, {mt}, {bn}, {minb}, {stages}, {extra}{dropout}>")
     smem = (bm + 2 * stages * bn) * (D + 8) * q.dtype.itemsize
-    tail = (o_part, lse_part, tickets, *pointers) + _scalar_args(
-        (i32(Hq), i32(Hkv), i32(Sq), i32(Sk), *q_st, *k_st, *v_st, *m_st, *slope_sb, f32(scale), i32(bool(causal)),
-         i32(kind), i32(alibi), i32(pack), i32(n_splits), i32(per_split)))
+    raw = (o_part, lse_part, tickets, *pointers, i32(Hq), i32(Hkv), i32(Sq), i32(Sk), *q_st, *k_st, *v_st, *m_st,
+           *slope_sb, f32(scale), i32(bool(causal)), i32(kind), i32(alibi), i32(pack), i32(n_splits),
+           i32(per_split), *_drop_args(drop))
     # grid: (heads and batch, row blocks, key splits); the kernel walks row blocks longest-first.
-    return (kernel, (heads * B, m_blocks, n_splits), (32 * warps,), smem, tail, (B, Hq, Sq, D), (B, Hq, Sq),
-            (q2, k2, v2) if copied else None, not copied)
+    return (kernel, (heads * B, m_blocks, n_splits), (32 * warps,), smem, _scalar_args(raw), (B, Hq, Sq, D),
+            (B, Hq, Sq), (q2, k2, v2) if copied else None, not copied, raw)
 
 
 _bwd_plans = {}  # unmasked backward: (shapes, strides, dtype, scale, causal, device) -> _backward_plan(...)
 
 
-def _backward_kernel(grad, q, k, v, out, lse, mask, slopes, scale, causal):
+def _backward_kernel(grad, q, k, v, out, lse, mask, slopes, scale, causal, drop=None):
     xp = backend.array_module(q)
     dout = xp.ascontiguousarray(grad.astype(q.dtype, copy=False))
     out = xp.ascontiguousarray(out)
@@ -392,7 +449,7 @@ def _backward_kernel(grad, q, k, v, out, lse, mask, slopes, scale, causal):
     q, q_st = _rows_ready(q)
     k, k_st = _rows_ready(k)
     v, v_st = _rows_ready(v)
-    if mask is None and slopes is None:
+    if mask is None and slopes is None and drop is None:
         key = (q.shape, k.shape, q.strides, k.strides, v.strides, q.dtype, scale, causal,
                xp.cuda.runtime.getDevice())
         plan = _bwd_plans.get(key)
@@ -401,7 +458,7 @@ def _backward_kernel(grad, q, k, v, out, lse, mask, slopes, scale, causal):
                 _bwd_plans.clear()
             plan = _bwd_plans[key] = _backward_plan(q, k, q_st, k_st, v_st, None, None, scale, causal)
     else:
-        plan = _backward_plan(q, k, q_st, k_st, v_st, mask, slopes, scale, causal)
+        plan = _backward_plan(q, k, q_st, k_st, v_st, mask, slopes, scale, causal, drop)
     (dot, dot_grid, dot_tail), (dq_kernel, dq_grid, dq_block, dq_smem), (kv_kernel, kv_grid, kv_block, kv_smem), \
         tail, n_rows = plan
     B, Hq, Sq, D = q.shape
@@ -417,7 +474,7 @@ def _backward_kernel(grad, q, k, v, out, lse, mask, slopes, scale, causal):
     return dq, dk, dv
 
 
-def _backward_plan(q, k, q_st, k_st, v_st, mask, slopes, scale, causal):
+def _backward_plan(q, k, q_st, k_st, v_st, mask, slopes, scale, causal, drop=None):
     """The three backward launches but their arrays: ((dot kernel, grid, arguments after the arrays), (dq kernel,
     grid, block, shared memory), (dK/dV kernel, grid, block, shared memory), the shared trailing arguments, rows)."""
     xp = backend.array_module(q)
@@ -427,51 +484,55 @@ def _backward_plan(q, k, q_st, k_st, v_st, mask, slopes, scale, causal):
     ctype = _KERNEL_TYPES[q.dtype]
     item = q.dtype.itemsize
     pointers, m_st, slope_sb, kind, alibi = _mask_args(mask, slopes, xp)
-    extra = "true" if (kind or alibi) else "false"
+    extra = "true" if (kind or alibi or drop is not None) else "false"
+    dropout = "" if drop is None else ", true"
     tail = pointers + _scalar_args((i32(Hq), i32(Hkv), i32(Sq), i32(Sk), *q_st, *k_st, *v_st, *m_st, *slope_sb,
-                                    f32(scale), i32(bool(causal)), i32(kind), i32(alibi)))
+                                    f32(scale), i32(bool(causal)), i32(kind), i32(alibi), *_drop_args(drop)))
     n_rows = B * Hq * Sq
     rows_per_block = 8 * (32 // (D // 8))  # D / 8 lanes a row, 256 threads a block
     dot = (_kernel("attention_bwd.cu", f"attn_bwd_dot<{ctype}, {D}>"), (-(-n_rows // rows_per_block),),
            _scalar_args((numpy.int64(n_rows),)))
-    warps, mt, bn = _DQ_TILES[D]
+    warps, mt, bn = (_DQ_TILES if drop is None else _DROP_DQ_TILES)[D]
     bm = 16 * mt * warps
-    dq = (_kernel("attention_bwd.cu", f"attn_bwd_dq<{ctype}, {D}, {warps}, {mt}, {bn}, {extra}>"),
+    dq = (_kernel("attention_bwd.cu", f"attn_bwd_dq<{ctype}, {D}, {warps}, {mt}, {bn}, {extra}{dropout}>"),
           (Hq * B, -(-Sq // bm)), (32 * warps,), (2 * bm + 4 * bn) * (D + 8) * item)
-    warps, bmq = _DKDV_TILES[D]
+    warps, bmq = (_DKDV_TILES if drop is None else _DROP_DKDV_TILES)[D]
     bnk = 16 * warps
-    kv = (_kernel("attention_bwd.cu", f"attn_bwd_dkdv<{ctype}, {D}, {warps}, {bmq}, {extra}>"),
+    kv = (_kernel("attention_bwd.cu", f"attn_bwd_dkdv<{ctype}, {D}, {warps}, {bmq}, {extra}{dropout}>"),
           (Hkv * B, -(-Sk // bnk)), (32 * warps,), (2 * bnk + 4 * bmq) * (D + 8) * item + 2 * bmq * 8)
     return dot, dq, kv, tail, n_rows
 
 
 # ------------------------------------------------------------------------------------------------ the Function
 class _Attention(Function):
-    """Inputs q, k, v, mask (or None), slopes (or None); saves q, k, v, the output and the log-sum-exp."""
+    """Inputs q, k, v, mask (or None), slopes (or None); saves q, k, v, the output and the log-sum-exp.
+    ``drop_threshold``: dropout's keep threshold on 16 bits (0: no dropout), keyed by ``seed`` and ``offset``."""
 
-    def forward(self, q, k, v, mask, slopes, scale, causal, dropout_p, seed, offset):
-        self.scale, self.causal, self.dropout_p, self.seed, self.offset = scale, causal, dropout_p, seed, offset
-        self.used_kernel = _kernel_ready(q, k, v, mask, slopes, dropout_p)
+    def forward(self, q, k, v, mask, slopes, scale, causal, drop_threshold, seed, offset):
+        self.scale, self.causal = scale, causal
+        self.drop = (seed, offset, drop_threshold) if drop_threshold else None
+        self.used_kernel = _kernel_ready(q, k, v, mask, slopes, self.drop is not None)
         if self.used_kernel:
-            out, lse = _forward_kernel(q, k, v, mask, slopes, scale, causal)
+            out, lse = _forward_kernel(q, k, v, mask, slopes, scale, causal, self.drop)
         else:
             out, lse = _forward_reference(q, k, v, mask, slopes, scale, causal, self._keep_scale(q, k))
         self.save(q, k, v, mask, slopes, out, lse)
         return out
 
     def _keep_scale(self, q, k):
-        if self.dropout_p == 0:
+        if self.drop is None:
             return None
         xp = backend.array_module(q)
+        seed, offset, threshold = self.drop
         shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        keep = dropout_keep_mask(shape, self.dropout_p, self.seed, self.offset, xp)
-        return keep.astype(accumulate_storage(q.dtype)) * (1.0 / (1.0 - self.dropout_p))
+        keep = dropout_keep_mask(shape, threshold / 65536.0, seed, offset, xp)
+        return keep.astype(accumulate_storage(q.dtype)) * _drop_scale(threshold)
 
     def backward(self, grad):
         q, k, v, mask, slopes, out, lse = self.saved
         need = (mask is not None and self.inputs[3] is not None, slopes is not None and self.inputs[4] is not None)
         if self.used_kernel and not any(need) and q.shape[-1] in _DQ_TILES:
-            dq, dk, dv = _backward_kernel(grad, q, k, v, out, lse, mask, slopes, self.scale, self.causal)
+            dq, dk, dv = _backward_kernel(grad, q, k, v, out, lse, mask, slopes, self.scale, self.causal, self.drop)
             return dq, dk, dv, None, None
         if lse.dtype != accumulate_storage(q.dtype):
             lse = lse.astype(accumulate_storage(q.dtype))
@@ -532,23 +593,164 @@ def attention(q, k, v, mask=None, dropout_p=0.0, is_causal=False, scale=None, *,
               dropout_seed=None, dropout_offset=0):
     """softmax(scale * q k^T + bias) v over q [B, Hq, Sq, D], k and v [B, Hkv, Sk, D] (module docstring).
 
-    ``scale`` defaults to 1/sqrt(D). ``dropout_seed`` (an int) fixes the dropout mask; when None one is drawn from
-    tessera_cp's default generator (``tessera_cp.manual_seed`` makes it reproducible).
+    ``scale`` defaults to 1/sqrt(D). ``dropout_seed`` fixes the dropout mask: an int (64 bits are used), a
+    ``tessera_cp.Generator`` to draw one from, or None to draw one from tessera_cp's default generator
+    (``tessera_cp.manual_seed`` makes that reproducible). ``dropout_offset`` (0 <= offset < 2^32) selects another
+    mask for the same seed (e.g. one per layer or step).
     """
+    if mask is None and alibi_slopes is None and not dropout_p and isinstance(q, Tensor) and isinstance(k, Tensor) \
+            and isinstance(v, Tensor):
+        out = _short_path(q, k, v, is_causal, scale)
+        if out is not None:
+            return out
     q = _as_tensor(q, "q")
     k, v = _as_tensor(k, "k", q.device), _as_tensor(v, "v", q.device)
     mask, slopes = _as_tensor(mask, "mask", q.device), _as_tensor(alibi_slopes, "alibi_slopes", q.device)
     dropout_p = float(dropout_p)
     _check(q, k, v, mask, slopes, dropout_p, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    seed = 0
-    if dropout_p > 0:
-        if dropout_seed is None:
-            words = randint(0, 2 ** 31, size=(2,), device="cpu").data
+    seed, offset, threshold = 0, 0, _drop_threshold(dropout_p) if dropout_p > 0 else 0
+    if threshold:
+        if dropout_seed is None or isinstance(dropout_seed, Generator):
+            words = randint(0, 2 ** 31, size=(2,), device="cpu", generator=dropout_seed).data
             dropout_seed = (int(words[0]) << 31) | int(words[1])
         seed = int(dropout_seed) & (2 ** 64 - 1)
-    return _Attention.apply(q, k, v, mask, slopes, scale=scale, causal=bool(is_causal), dropout_p=dropout_p,
-                            seed=seed, offset=int(dropout_offset))
+        offset = int(dropout_offset)
+        if not 0 <= offset < 2 ** 32:
+            raise TesseraError(f"attention: dropout_offset must be in [0, 2^32), got {dropout_offset}")
+    return _Attention.apply(q, k, v, mask, slopes, scale=scale, causal=bool(is_causal), drop_threshold=threshold,
+                            seed=seed, offset=offset)
+
+
+# ------------------------------------------------------------------------------------------------ the short path
+# Decode calls are host-bound: the kernel reads its K/V in tens of microseconds, which the general path (argument
+# conversion and checks, the tape, planning, CuPy's argument marshalling) used to exceed. The short path keeps,
+# per (shapes, strides, dtypes, array types, scale, causality, device, stream), a ready launch: the argument checks
+# ran once for that combination when it was made, the kernel's argument block is built (ctypes values behind the
+# void* array cuLaunchKernel takes; a call fills in the five pointers), the log-sum-exp goes to a scratch buffer
+# (nothing reads it without a tape), and for small outputs the next call's output is allocated after this call's
+# launch, while the kernel runs.
+_short = {}        # key -> _ShortPlan, or None where the kernels do not take these inputs
+_SHORT_MAX = 256   # plans kept (the dict is emptied beyond)
+_SPARE_BYTES = 1 << 18  # outputs up to this size are allocated one call ahead
+_cupy_handles = []  # cupy.cuda.runtime.getDevice, cupy.cuda.get_current_stream, cupy.cuda.driver.launchKernel, cupy
+# The devices this thread launched on through CuPy, which makes the device's context current in the thread (the
+# driver's launch needs it; a thread's first launch on a device goes through CuPy).
+_thread = threading.local()
+
+
+class _Launcher:
+    """One kernel's launch through the driver with an argument block built once: ``n_ptrs`` leading pointer
+    arguments filled in per call, then ``tail`` (CuPy arrays as their pointers, NumPy scalars as their C type)."""
+
+    _CTYPES = {"int32": ctypes.c_int32, "uint32": ctypes.c_uint32, "int64": ctypes.c_int64,
+               "float32": ctypes.c_float}
+
+    def __init__(self, kernel, grid, block, smem, n_ptrs, tail):
+        values = [ctypes.c_uint64(0) for _ in range(n_ptrs)]
+        for a in tail:
+            if isinstance(a, numpy.generic):
+                values.append(self._CTYPES[a.dtype.name](a.item()))
+            else:  # a device array: its pointer (the array is kept alive below)
+                values.append(ctypes.c_uint64(a.data.ptr))
+        self.params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(x) for x in values])
+        self.address = ctypes.addressof(self.params)
+        self.slots, self.keep = values[:n_ptrs], (values, tail)
+        self.function = getattr(kernel, "kernel", kernel).ptr
+        grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
+        self.config = (*grid, *block, int(smem))
+
+    def __call__(self, pointers, stream, launch_kernel):
+        for slot, pointer in zip(self.slots, pointers):
+            slot.value = pointer
+        launch_kernel(self.function, *self.config, stream, self.address, 0)
+
+
+class _ShortPlan:
+    __slots__ = ("kernel", "grid", "block", "smem", "tail", "o_shape", "o_dtype", "lse", "lse_ptr", "launcher",
+                 "launched", "spare", "spare_alloc", "lock")
+
+    def __init__(self, plan, lse, o_dtype):
+        self.kernel, self.grid, self.block, self.smem, self.tail, self.o_shape = plan[:6]
+        self.o_dtype, self.lse, self.lse_ptr, self.launched = o_dtype, lse, lse.data.ptr, False
+        self.launcher = _Launcher(self.kernel, self.grid, self.block, self.smem, 5, plan[9])
+        self.spare = self.spare_alloc = None
+        self.lock = threading.Lock()
+
+
+_lse_bufs = {}  # (device, stream) -> f32 scratch for log-sum-exps nobody reads
+
+
+def _lse_scratch(xp, n):
+    key = (xp.cuda.runtime.getDevice(), xp.cuda.get_current_stream().ptr)
+    buf = _lse_bufs.get(key)
+    if buf is None or buf.size < n:
+        buf = _lse_bufs[key] = xp.empty(max(n, 0 if buf is None else buf.size), dtype=xp.float32)
+    return buf
+
+
+def _short_path(q, k, v, causal, scale):
+    """attention(q, k, v, is_causal=causal, scale=scale) when no graph is recorded and the kernels take the
+    inputs, else None (the general path then runs)."""
+    if (q.requires_grad or k.requires_grad or v.requires_grad) and is_grad_enabled():
+        return None
+    qd, kd, vd = q.data, k.data, v.data
+    if not backend.is_cupy_array(qd):
+        return None
+    if not _cupy_handles:
+        import cupy
+        _cupy_handles.extend((cupy.cuda.runtime.getDevice, cupy.cuda.get_current_stream,
+                              cupy.cuda.driver.launchKernel, cupy))
+    get_device, current_stream, launch_kernel, cupy = _cupy_handles
+    stream, device = current_stream().ptr, get_device()
+    key = (qd.shape, kd.shape, vd.shape, qd.strides, kd.strides, vd.strides, qd.dtype, kd.dtype, vd.dtype, type(kd),
+           type(vd), scale, causal, device, stream)
+    plan = _short.get(key, _short)
+    if plan is _short:
+        plan = _short_plan(q, k, v, scale, causal, key, cupy)
+    if plan is None:
+        return None
+    qp, kp, vp = qd.data.ptr, kd.data.ptr, vd.data.ptr
+    if (qp | kp | vp) & 15 or os.environ.get("TESSERA_REFERENCE", "") == "1":
+        return None
+    with plan.lock:  # the argument block and the spare output are shared by the threads on this stream
+        o = plan.spare
+        if o is None or plan.spare_alloc is not _alloc:
+            o = _alloc(cupy, plan.o_shape, plan.o_dtype)
+        plan.spare = None
+        if plan.launched and device in getattr(_thread, "devices", ()) and not os.environ.get("TESSERA_SYNC"):
+            try:
+                plan.launcher((qp, kp, vp, o.data.ptr, plan.lse_ptr), stream, launch_kernel)
+            except Exception as e:  # noqa: BLE001 - a driver error, named
+                raise TesseraError(f"attention kernel launch failed (grid {plan.grid}, block {plan.block}): "
+                                   f"{e}") from e
+        else:  # the first launch (shared-memory opt-in, the thread's context) and TESSERA_SYNC go through CuPy
+            _launch(plan.kernel, plan.grid, plan.block, (qd, kd, vd, o, plan.lse) + plan.tail, shared_mem=plan.smem)
+            plan.launched = True
+            _thread.devices = getattr(_thread, "devices", frozenset()) | {device}
+        if o.nbytes <= _SPARE_BYTES:
+            plan.spare, plan.spare_alloc = _alloc(cupy, plan.o_shape, plan.o_dtype), _alloc
+    return Tensor(o)
+
+
+def _short_plan(q, k, v, scale, causal, key, cupy):
+    """The _ShortPlan for these inputs (kept under ``key``), or None; raises what the general path would."""
+    _check(q, k, v, None, None, 0.0, scale)
+    qd, kd, vd = q.data, k.data, v.data
+    if os.environ.get("TESSERA_REFERENCE", "") == "1" or (qd.data.ptr | kd.data.ptr | vd.data.ptr) & 15:
+        return None  # nothing kept: either may differ at the next call
+    plan = None
+    if _kernel_ready(qd, kd, vd, None, None, False):
+        D = qd.shape[-1]
+        fplan = _forward_plan(qd, kd, vd, None, None, 1.0 / math.sqrt(D) if scale is None else float(scale),
+                              bool(causal))
+        if fplan[8]:  # no contiguous copies needed
+            B, Hq, Sq, _ = qd.shape
+            plan = _ShortPlan(fplan, _lse_scratch(cupy, B * Hq * Sq), qd.dtype)
+    if len(_short) >= _SHORT_MAX:
+        _short.clear()
+    _short[key] = plan
+    return plan
 
 
 flash_attention = attention  # the seeds' ops.flash_attention

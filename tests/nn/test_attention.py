@@ -217,24 +217,60 @@ def test_gqa_gradient_sums_over_the_group(rng):
 
 
 # ---------------------------------------------------------------------------------------- dropout
-def test_philox_known_answers():
-    # Random123's known-answer vectors for Philox4x32-10.
-    vectors = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-               ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-               ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-                (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
-    for counter, key, expected in vectors:
+def philox_scalar(counter, key, rounds=10):
+    """Philox4x32 on Python ints, written from the paper (Salmon et al. 2011): the oracle for the module's."""
+    c, (k0, k1), mask = list(counter), key, 0xFFFFFFFF
+    for _ in range(rounds):
+        p0, p1 = c[0] * 0xD2511F53, c[2] * 0xCD9E8D57
+        c = [((p1 >> 32) ^ c[1] ^ k0) & mask, p1 & mask, ((p0 >> 32) ^ c[3] ^ k1) & mask, p0 & mask]
+        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+    return tuple(c)
+
+
+# Random123's known-answer vectors for Philox4x32-10 (counter, key, result).
+PHILOX_KAT = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+              ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+              ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+               (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+
+
+def test_philox_known_answers(rng):
+    for counter, key, expected in PHILOX_KAT:
+        assert philox_scalar(counter, key) == expected
         assert tuple(int(w) for w in A.philox4x32(counter, key)) == expected
+    # The array version on many counters at once, against the scalar one.
+    counters = rng.integers(0, 2 ** 32, size=(4, 50), dtype=numpy.uint64)
+    key = tuple(int(x) for x in rng.integers(0, 2 ** 32, size=2))
+    words = A.philox4x32(tuple(counters), key)
+    for n in range(50):
+        assert tuple(int(w[n]) for w in words) == philox_scalar(tuple(int(c[n]) for c in counters), key)
+
+
+def expected_keep(shape, p, seed, offset):
+    """The documented rule, element by element with the scalar Philox."""
+    B, H, Sq, Sk = shape
+    threshold = min(int(p * 65536 + 0.5), 65535)
+    keep = numpy.zeros(shape, dtype=bool)
+    key = (seed & 0xFFFFFFFF, seed >> 32)
+    for b, h, i, j in numpy.ndindex(*shape):
+        words = philox_scalar((4 * (j // 16) + (j % 8) // 2, 8 * (i // 16) + i % 8, b * H + h, offset), key)
+        bits = (words[2 * ((i // 8) % 2) + (j // 8) % 2] >> (16 * (j % 2))) & 0xFFFF
+        keep[b, h, i, j] = bits >= threshold
+    return keep
 
 
 def test_keep_mask_layout():
     seed, offset, p = (7 << 32) | 3, 5, 0.25
-    keep = A.dropout_keep_mask((2, 3, 5, 7), p, seed, offset)
-    flat = keep.reshape(-1)
-    for f in (0, 1, 2, 3, 4, 57, 209):
-        g = f // 4
-        word = A.philox4x32((g, 0, offset, 0), (3, 7))[f % 4]
-        assert flat[f] == (int(word) >= int(p * 2 ** 32))
+    shape = (2, 3, 37, 29)  # rows and keys cross several 16-blocks, neither a multiple of 8
+    numpy.testing.assert_array_equal(A.dropout_keep_mask(shape, p, seed, offset), expected_keep(shape, p, seed, offset))
+
+
+def test_dropout_threshold_rounding():
+    # 16 random bits an element: p is rounded to a multiple of 2^-16, and the scale uses the rounded value.
+    assert A._drop_threshold(0.3) == 19661 and A._drop_threshold(1e-6) == 0 and A._drop_threshold(0.99999999) == 65535
+    assert A._drop_scale(19661) == pytest.approx(1 / (1 - 19661 / 65536), rel=1e-15)
+    keep = A.dropout_keep_mask((1, 1, 64, 64), 1e-6, 3)
+    assert keep.all()
 
 
 def test_dropout_kept_fraction_reproducibility_and_formula(rng):
@@ -244,17 +280,25 @@ def test_dropout_kept_fraction_reproducibility_and_formula(rng):
     fraction = keep.mean()
     assert abs(fraction - (1 - p)) < 5 * math.sqrt(p * (1 - p) / keep.size)
     out = A.attention(q, k, v, dropout_p=p, dropout_seed=1234)
-    expected, _ = naive(q.numpy(), k.numpy(), v.numpy(), keep=keep, p_drop=p)
+    expected, _ = naive(q.numpy(), k.numpy(), v.numpy(), keep=keep, p_drop=A._drop_threshold(p) / 65536)
     numpy.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=1e-12)
     again = A.attention(q, k, v, dropout_p=p, dropout_seed=1234)
     assert numpy.array_equal(out.numpy(), again.numpy())
     assert not numpy.allclose(out.numpy(), A.attention(q, k, v, dropout_p=p, dropout_seed=1235).numpy())
     shifted = A.attention(q, k, v, dropout_p=p, dropout_seed=1234, dropout_offset=1)
     assert not numpy.allclose(out.numpy(), shifted.numpy())
+    # Different seeds and offsets give different masks (not shifted copies of one another).
+    other = A.dropout_keep_mask((2, 4, 64, 64), p, 1234, 1)
+    assert 0.3 < (keep != other).mean() < 0.5
     tc.manual_seed(5)
     a = A.attention(q, k, v, dropout_p=p).numpy()
     tc.manual_seed(5)
     assert numpy.array_equal(a, A.attention(q, k, v, dropout_p=p).numpy())
+    # A Generator as the seed: drawn from it, reproducible by seeding it.
+    a = A.attention(q, k, v, dropout_p=p, dropout_seed=tc.Generator(9)).numpy()
+    assert numpy.array_equal(a, A.attention(q, k, v, dropout_p=p, dropout_seed=tc.Generator(9)).numpy())
+    with pytest.raises(TesseraError, match="dropout_offset"):
+        A.attention(q, k, v, dropout_p=p, dropout_seed=1, dropout_offset=2 ** 32)
 
 
 def test_dropout_preserves_the_expectation(rng):
@@ -370,19 +414,52 @@ def test_kernel_sources_list_the_instantiations_dispatch_asks_for():
                 w, bmq = A._DKDV_TILES[d]
                 assert f"attn_bwd_dkdv<{t}, {d}, {w}, {bmq}, {extra}>" in bwd
             assert f"attn_bwd_dot<{t}, {d}>" in bwd
+            # Dropout: the masked variants with DROP.
+            w, mt, bn, minb, stages = A._DROP_TILES[d]
+            assert f"attn_fwd<{t}, {d}, {w}, {mt}, {bn}, {minb}, {stages}, true, true>" in fwd
+            w, mt, bn = A._DROP_DQ_TILES[d]
+            assert f"attn_bwd_dq<{t}, {d}, {w}, {mt}, {bn}, true, true>" in bwd
+            w, bmq = A._DROP_DKDV_TILES[d]
+            assert f"attn_bwd_dkdv<{t}, {d}, {w}, {bmq}, true, true>" in bwd
 
 
 def test_tile_tables_fit_the_kernels():
     # Shared memory per block (the H100 allows 227 KiB) and the shapes the kernels' static_asserts accept.
-    for table in (A._FWD_TILES, A._MASKED_TILES, A._DECODE_TILES):
+    for table in (A._FWD_TILES, A._MASKED_TILES, A._DECODE_TILES, A._DROP_TILES):
         for d, (w, mt, bn, minb, stages) in table.items():
             assert d % 32 == 0 and bn % 16 == 0 and stages >= 2 and minb >= 1
             assert (16 * mt * w + 2 * stages * bn) * (d + 8) * 2 <= 227 * 1024
-    for d, (w, mt, bn) in A._DQ_TILES.items():
+    for d, (w, mt, bn) in [*A._DQ_TILES.items(), *A._DROP_DQ_TILES.items()]:
         assert d <= 128 and bn % 16 == 0 and (2 * 16 * mt * w + 4 * bn) * (d + 8) * 2 <= 227 * 1024
-    for d, (w, bmq) in A._DKDV_TILES.items():
+    for d, (w, bmq) in [*A._DKDV_TILES.items(), *A._DROP_DKDV_TILES.items()]:
         assert d <= 128 and bmq % 16 == 0 and bmq // 2 <= 32 * w
         assert (2 * 16 * w + 4 * bmq) * (d + 8) * 2 + 16 * bmq <= 227 * 1024
+    assert set(A._DROP_TILES) == set(A._DROP_DQ_TILES) == set(A._DROP_DKDV_TILES) <= set(A._DQ_TILES)
+
+
+def test_launcher_argument_block():
+    # The short path's argument block: pointers first (filled per call), then the plan's arguments, each in its
+    # C type, read back through the void* array the driver would get.
+    import ctypes
+
+    class Pointer:  # stands for a device array: only .data.ptr is read
+        def __init__(self, ptr):
+            self.data = type("Mem", (), {"ptr": ptr})()
+
+    kernel = type("Kernel", (), {"ptr": 1234})()
+    tail = (Pointer(0xABC0), numpy.int32(-7), numpy.int64(1 << 40), numpy.uint32(0xFFFFFFF0), numpy.float32(0.125))
+    launcher = A._Launcher(kernel, (3, 2), (128,), 4096, 2, tail)
+    seen = []
+    launcher((0x1000, 0x2000), 77, lambda *args: seen.append(args))
+    fn, gx, gy, gz, bx, by, bz, smem, stream, params, extra = seen[0]
+    assert (fn, gx, gy, gz, bx, by, bz, smem, stream, extra) == (1234, 3, 2, 1, 128, 1, 1, 4096, 77, 0)
+    slots = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
+    read = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int32, ctypes.c_int64, ctypes.c_uint32,
+            ctypes.c_float]
+    values = [ctypes.cast(slots[i], ctypes.POINTER(t)).contents.value for i, t in enumerate(read)]
+    assert values == [0x1000, 0x2000, 0xABC0, -7, 1 << 40, 0xFFFFFFF0, 0.125]
+    launcher((0x3000, 0x4000), 0, lambda *args: seen.append(args))
+    assert ctypes.cast(slots[1], ctypes.POINTER(ctypes.c_uint64)).contents.value == 0x4000
 
 
 # ======================================================================================== GPU: the kernels
@@ -401,10 +478,11 @@ def poison(monkeypatch):
                         lambda xp, shape, dtype: cupy.full(shape, numpy.nan, dtype=cupy.float32).astype(dtype))
 
 
-def _ref_gpu(q, k, v, mask=None, causal=False, scale=None, slopes=None, dout=None, lowp=None):
+def _ref_gpu(q, k, v, mask=None, causal=False, scale=None, slopes=None, dout=None, lowp=None, keep=None):
     """Forward (and with dout, the gradients) on the GPU, written independently of the module: K/V expanded to
     the query heads, explicit softmax. lowp=None: float64 throughout. lowp=dtype: a plain implementation in that
-    precision: scores, probabilities, products and gradients rounded to it after each step (f32 sums)."""
+    precision: scores, probabilities, products and gradients rounded to it after each step (f32 sums).
+    keep: dropout's mask times 1 / (1 - p) ([B, Hq, Sq, Sk]), applied to the normalised probabilities."""
     cupy = _cupy()
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -432,13 +510,15 @@ def _ref_gpu(q, k, v, mask=None, causal=False, scale=None, slopes=None, dout=Non
     e = cupy.exp(s - m)
     tot = e.sum(-1, keepdims=True)
     p = e / cupy.where(tot > 0, tot, 1)
-    pr = rnd(p)
+    pr = rnd(p if keep is None else p * keep)
     out = rnd(pr @ ve)
     if dout is None:
         return out
     do = dout.astype(work)
     dve = rnd(pr.swapaxes(-1, -2) @ do)
     dp = rnd(do @ ve.swapaxes(-1, -2))
+    if keep is not None:
+        dp = dp * keep
     ds = rnd(p * (dp - (do * out).sum(-1, keepdims=True)))
     dq = rnd(ds @ ke * scale)
     dke = rnd(ds.swapaxes(-1, -2) @ qf * scale)
@@ -626,3 +706,192 @@ def test_gpu_long_sequence_forward_memory_is_linear():
     extra = pool.used_bytes() - before
     assert extra < 16 * S * 128 * 2   # O(S): an S x S f32 buffer would be 16 GiB
     assert bool(cupy.isfinite(out.data.astype(cupy.float32)).all())
+
+
+# ---------------------------------------------------------------------------------------- GPU: dropout
+DROP_CASES = [  # B, Hq, Hkv, Sq, Sk, D, causal, p, dtype
+    (2, 3, 3, 17, 17, 64, True, 0.2, "bf16"),
+    (1, 4, 1, 1000, 1000, 128, True, 0.1, "bf16"),      # MQA
+    (2, 8, 1, 17, 1000, 128, True, 0.3, "bf16"),        # Sq < Sk
+    (1, 8, 8, 1000, 17, 64, True, 0.5, "bf16"),         # Sq > Sk: rows that see nothing
+    (1, 16, 2, 300, 257, 128, False, 0.25, "f16"),      # GQA 8
+    (1, 32, 8, 1, 4097, 128, False, 0.1, "bf16"),       # decode shape: split keys (no packing with dropout)
+    (1, 4, 2, 4097, 4097, 64, True, 0.15, "f16"),       # GQA 2, 4097
+]
+
+
+def _keep_scaled(cupy, shape, p, seed, offset):
+    keep = A.dropout_keep_mask(shape, p, seed, offset, xp=cupy)
+    return keep.astype(cupy.float64) * A._drop_scale(A._drop_threshold(p))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", DROP_CASES)
+def test_gpu_dropout_forward_backward(poison, case):
+    # The kernels' dropout against float64 attention with the reference's mask: one mask, forward and backward.
+    cupy = _cupy()
+    B, Hq, Hkv, Sq, Sk, D, causal, p, dtype = case
+    dt = tc.bf16 if dtype == "bf16" else tc.f16
+    q = tc.randn(B, Hq, Sq, D, dtype=dt, device="cuda", requires_grad=True)
+    k = tc.randn(B, Hkv, Sk, D, dtype=dt, device="cuda", requires_grad=True)
+    v = tc.randn(B, Hkv, Sk, D, dtype=dt, device="cuda", requires_grad=True)
+    seed, offset = int(numpy.random.default_rng().integers(0, 2 ** 63)), 3
+    out = A.attention(q, k, v, is_causal=causal, dropout_p=p, dropout_seed=seed, dropout_offset=offset)
+    assert out._node.used_kernel
+    dout = tc.randn(B, Hq, Sq, D, dtype=dt, device="cuda")
+    out.backward(dout)
+    keep = _keep_scaled(cupy, (B, Hq, Sq, Sk), p, seed, offset)
+    ref = _ref_gpu(q.data, k.data, v.data, causal=causal, dout=dout.data, keep=keep)
+    plain = _ref_gpu(q.data, k.data, v.data, causal=causal, dout=dout.data, lowp=dt.storage, keep=keep)
+    for name, got, r64, lp in zip(("out", "dq", "dk", "dv"), (out.data, q.grad.data, k.grad.data, v.grad.data),
+                                  ref, plain):
+        _close(cupy, got, r64, lp, f"dropout {case} {name}", atol=1e-4 * float(abs(r64).max()) + 1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_with_mask_and_alibi(poison):
+    cupy = _cupy()
+    B, Hq, Hkv, Sq, Sk, D, p = 2, 4, 2, 300, 257, 128, 0.2
+    q = tc.randn(B, Hq, Sq, D, dtype=tc.bf16, device="cuda", requires_grad=True)
+    k = tc.randn(B, Hkv, Sk, D, dtype=tc.bf16, device="cuda", requires_grad=True)
+    v = tc.randn(B, Hkv, Sk, D, dtype=tc.bf16, device="cuda", requires_grad=True)
+    rng = cupy.random.default_rng()
+    mask = rng.random((2, 1, Sq, Sk)) > 0.4
+    mask[..., 5, :] = False
+    slopes = rng.random(Hq).astype(cupy.float32)
+    out = A.attention(q, k, v, mask=tc.Tensor(mask), is_causal=True, alibi_slopes=tc.Tensor(slopes), dropout_p=p,
+                      dropout_seed=77)
+    assert out._node.used_kernel
+    dout = tc.randn(B, Hq, Sq, D, dtype=tc.bf16, device="cuda")
+    out.backward(dout)
+    keep = _keep_scaled(cupy, (B, Hq, Sq, Sk), p, 77, 0)
+    ref = _ref_gpu(q.data, k.data, v.data, mask=mask, causal=True, slopes=slopes, dout=dout.data, keep=keep)
+    plain = _ref_gpu(q.data, k.data, v.data, mask=mask, causal=True, slopes=slopes, dout=dout.data,
+                     lowp=tc.bf16.storage, keep=keep)
+    for name, got, r64, lp in zip(("out", "dq", "dk", "dv"), (out.data, q.grad.data, k.grad.data, v.grad.data),
+                                  ref, plain):
+        _close(cupy, got, r64, lp, f"dropout+mask+alibi {name}", atol=1e-4 * float(abs(r64).max()) + 1e-6)
+    assert float(abs(out.data[..., 5, :].astype(cupy.float32)).max()) == 0.0
+
+
+MASK_ID_CASES = [  # B, H, Sq, Sk, D, causal, dtype (Sk <= D: V is the identity)
+    (2, 3, 61, 64, 64, False, "bf16"),
+    (1, 4, 50, 128, 128, True, "f16"),
+    (1, 4, 16, 128, 128, False, "bf16"),   # few rows: keys split across blocks, partials merged
+    (2, 2, 333, 64, 64, True, "bf16"),     # Sq > D: forward only
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", MASK_ID_CASES)
+def test_gpu_dropout_mask_is_the_reference_mask(poison, case):
+    # With V = I, out[i, j] = P[i, j] keep[i, j] / (1 - p): its nonzero pattern is the forward kernel's mask. With
+    # dO[i] = e_i, dV[j, i] = P[i, j] keep[i, j] / (1 - p): the dK/dV kernel's mask. Both must be the reference's
+    # exactly (P > 0 wherever causality allows).
+    cupy = _cupy()
+    B, H, Sq, Sk, D, causal, dtype = case
+    dt = tc.bf16 if dtype == "bf16" else tc.f16
+    p, seed, offset = 0.3, int(numpy.random.default_rng().integers(0, 2 ** 63)), 12345
+    q = tc.randn(B, H, Sq, D, dtype=dt, device="cuda", requires_grad=True)
+    k = tc.randn(B, H, Sk, D, dtype=dt, device="cuda", requires_grad=True)
+    v = tc.Tensor(cupy.broadcast_to(cupy.eye(Sk, D, dtype=dt.storage), (B, H, Sk, D)).copy(), requires_grad=True)
+    out = A.attention(q, k, v, is_causal=causal, dropout_p=p, dropout_seed=seed, dropout_offset=offset)
+    assert out._node.used_kernel
+    allowed = cupy.arange(Sk)[None, :] <= cupy.arange(Sq)[:, None] + (Sk - Sq) if causal else True
+    expected = A.dropout_keep_mask((B, H, Sq, Sk), p, seed, offset, xp=cupy) & allowed
+    o = out.data.astype(cupy.float32)
+    assert bool(cupy.isfinite(o).all())
+    assert bool((o[..., Sk:] == 0).all())
+    assert bool(((o[..., :Sk] != 0) == expected).all()), "forward mask differs from the reference's"
+    seen = allowed if causal else cupy.ones((Sq, Sk), dtype=bool)
+    fraction = float(expected.sum() / (B * H * seen.sum()))
+    assert abs(fraction - (1 - p)) < 5 * math.sqrt(p * (1 - p) / float(B * H * seen.sum()))
+    if Sq <= D:
+        dout = tc.Tensor(cupy.broadcast_to(cupy.eye(Sq, D, dtype=dt.storage), (B, H, Sq, D)).copy())
+        out.backward(dout)
+        dv = v.grad.data.astype(cupy.float32)[..., :Sq].swapaxes(-1, -2)   # [B, H, Sq, Sk]
+        assert bool(cupy.isfinite(dv).all())
+        assert bool(((dv != 0) == expected).all()), "dK/dV kernel's mask differs from the reference's"
+
+
+@pytest.mark.gpu
+def test_gpu_philox_known_answers_on_device():
+    # The kernels' Philox (attention.cu) on the device against Random123's vectors and the array version.
+    cupy = _cupy()
+    from tessera_cp.cuda import runtime
+    code = """#include "attention.cu"
+extern "C" __global__ void philox_kat(const unsigned *c, unsigned *out, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const uint4 r = tessera_attn::philox4x32_10(make_uint4(c[6 * i], c[6 * i + 1], c[6 * i + 2], c[6 * i + 3]),
+                                                c[6 * i + 4], c[6 * i + 5]);
+    out[4 * i] = r.x, out[4 * i + 1] = r.y, out[4 * i + 2] = r.z, out[4 * i + 3] = r.w;
+}
+"""
+    kernel = runtime.compile_source(code, "philox_kat", filename="philox_kat.cu")
+    rng = numpy.random.default_rng()
+    rows = [list(c) + list(key) for c, key, _ in PHILOX_KAT] + rng.integers(0, 2 ** 32, size=(61, 6)).tolist()
+    c = cupy.asarray(numpy.array(rows, dtype=numpy.uint32))
+    out = cupy.zeros((len(rows), 4), dtype=cupy.uint32)
+    runtime.launch(kernel, 1, 64, (c, out, numpy.int32(len(rows))))
+    got = [tuple(int(x) for x in row) for row in cupy.asnumpy(out)]
+    assert got[:3] == [expected for _, _, expected in PHILOX_KAT]
+    for row, result in zip(rows[3:], got[3:]):
+        assert result == philox_scalar(tuple(row[:4]), tuple(row[4:]))
+
+
+# ---------------------------------------------------------------------------------------- GPU: the short path
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [(1, 32, 8, 1, 4097, 128, False), (2, 4, 2, 300, 257, 64, True)])
+def test_gpu_short_path(poison, monkeypatch, case):
+    # Calls that record no graph take the short path; its results are bitwise those of the general path (the same
+    # kernel and plan), fresh outputs every call, on any stream, and the checks still run for new shapes.
+    cupy = _cupy()
+    B, Hq, Hkv, Sq, Sk, D, causal = case
+    q, q2 = (tc.randn(B, Hq, Sq, D, dtype=tc.bf16, device="cuda") for _ in range(2))
+    k = tc.randn(B, Hkv, Sk, D, dtype=tc.bf16, device="cuda")
+    v = tc.randn(B, Hkv, Sk, D, dtype=tc.bf16, device="cuda")
+
+    def general(qt):
+        return A._Attention.apply(qt, k, v, None, None, scale=1 / math.sqrt(D), causal=causal, drop_threshold=0,
+                                  seed=0, offset=0).data
+
+    def same(a, b):
+        return bool((a.view(cupy.uint16) == b.view(cupy.uint16)).all())
+
+    A._short.clear()
+    first = A.attention(q, k, v, is_causal=causal)    # makes the plan; first launch through the runtime
+    second = A.attention(q, k, v, is_causal=causal)   # through the driver
+    third = A.attention(q2, k, v, is_causal=causal)
+    assert len(A._short) == 1 and first._node is None and first.dtype is tc.bf16
+    want, want2 = general(q), general(q2)
+    assert same(first.data, want) and same(second.data, want) and same(third.data, want2)
+    assert first.data.data.ptr != second.data.data.ptr != third.data.data.ptr
+    ref = _ref_gpu(q.data, k.data, v.data, causal=causal)
+    plain = _ref_gpu(q.data, k.data, v.data, causal=causal, lowp=tc.bf16.storage)
+    _close(cupy, second.data, ref, plain, f"short path {case}", atol=1e-5)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        other = A.attention(q2, k, v, is_causal=causal)
+        stream.synchronize()
+    assert same(other.data, want2)
+    import threading
+    box = []  # another thread (its first launch goes through CuPy, which makes the context current there)
+    worker = threading.Thread(target=lambda: box.append(A.attention(q2, k, v, is_causal=causal).data))
+    worker.start()
+    worker.join()
+    cupy.cuda.Device().synchronize()
+    assert same(box[0], want2)
+    monkeypatch.setenv("TESSERA_SYNC", "1")
+    assert same(A.attention(q, k, v, is_causal=causal).data, want)
+    monkeypatch.delenv("TESSERA_SYNC")
+    # A tape needs the general path; under no_grad the short one serves.
+    qg = tc.Tensor(q.data, requires_grad=True)
+    assert A.attention(qg, k, v, is_causal=causal)._node is not None
+    with tc.no_grad():
+        assert A.attention(qg, k, v, is_causal=causal)._node is None
+    monkeypatch.setenv("TESSERA_REFERENCE", "1")
+    _close(cupy, A.attention(q, k, v, is_causal=causal).data, ref, plain, "forced reference", atol=1e-5)
+    monkeypatch.delenv("TESSERA_REFERENCE")
+    with pytest.raises(ShapeError, match="head dims"):
+        A.attention(q, tc.randn(B, Hkv, Sk, D // 2, dtype=tc.bf16, device="cuda"), v)
