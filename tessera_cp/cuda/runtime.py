@@ -5,7 +5,10 @@ Two paths share one set of compiler options:
 * on a GPU, ``get_kernel`` / ``compile_source`` build a ``cupy.RawModule`` (NVRTC) once per
   (source, options, device) and keep it in memory; CuPy's disk cache keeps the binary between processes;
 * without a GPU, ``compile_for_arch`` runs NVRTC through ctypes (or ``nvcc -cubin`` when no NVRTC library is
-  found) and returns the cubin: tests and CI compile every ``.cu`` file for sm_80 and sm_90a this way.
+  found) and returns the cubin: tests and CI compile every ``.cu`` file for sm_80 and sm_90a this way;
+* sources that include CuTe/CUTLASS headers take ``get_cute_kernel`` / ``compile_cute_source`` on a GPU (and
+  ``compile_for_arch`` routes them the same way without one): NVRTC called directly through ctypes, cubins kept in
+  tessera_cp's own disk cache, loaded with ``cupy.RawModule(path=...)``. ``nvrtc_cache`` says why and how.
 
 Conventions for the sources in ``SOURCE_DIR``:
 
@@ -198,6 +201,7 @@ class _Entry:
     def __init__(self, label, code, options, names):
         self.label, self.code, self.options, self.names = label, code, options, names
         self.module, self.kernels = None, {}
+        self.lowered = {}  # CuTe path only: name expression -> mangled name in the cubin
 
 
 _modules = {}
@@ -291,6 +295,66 @@ def compile_source(code, name, options=(), filename="<user>"):
     return _kernel(key, filename, lambda: code, name, options, ())
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The CuTe/CUTLASS path: NVRTC called directly, cubins in tessera_cp's own disk cache (nvrtc_cache), loaded
+# through cupy.RawModule(path=...). cupy.RawModule(code=...) cannot build these sources: its bundled CCCL clashes.
+# ----------------------------------------------------------------------------------------------------------
+
+def _cute_kernel(key, label, read_code, name, options, search_dirs):
+    """Like _kernel, for a source that includes CuTe/CUTLASS headers."""
+    from . import nvrtc_cache
+    with _lock:
+        entry = _modules.get(key)
+        kernel = entry.kernels.get(name) if entry is not None else None
+        if kernel is not None:
+            return kernel
+        if entry is None:
+            code = read_code()
+            arch = arch_for(_cupy().cuda.Device().compute_capability)
+            full = nvrtc_cache.cute_options(arch, search_dirs) + tuple(options)
+            entry = _Entry(label, code, full, set(parse_instantiations(code)))
+        names = entry.names | {name}  # a plain name too: its lowered name is what the module is asked for
+        if entry.module is None or name not in entry.lowered:
+            built = nvrtc_cache.compile_cached(entry.code, label, entry.options, sorted(names), search_dirs)
+            entry.module, entry.lowered, entry.names = _cupy().RawModule(path=str(built.path)), built.lowered, names
+            _modules[key] = entry
+        try:
+            kernel = entry.module.get_function(entry.lowered[name])
+            kernel.kernel  # load the module now, so that a bad binary fails here and warm timings include it
+        except Exception as e:
+            raise CompileError(f"{label}: no kernel {name!r} in the compiled module ({e})") from None
+        entry.kernels[name] = kernel
+        _kernel_names[kernel] = f"{label}:{name}"
+        return kernel
+
+
+def get_cute_kernel(source_file, name, options=()):
+    """get_kernel for a source of SOURCE_DIR that includes CuTe/CUTLASS headers (see ``nvrtc_cache``).
+
+    Compiled by NVRTC directly with ``nvrtc_cache.cute_options`` (CUTLASS, CUDA and CCCL headers; ``-arch=sm_90a``
+    on an H100) plus ``options``; the cubin is kept on disk (``$TESSERA_CACHE_DIR``) and in memory per
+    (source_file, options, device). Template kernels listed in ``// tessera-instantiate:`` lines are compiled up
+    front; another one rebuilds the module with it added. Launch the kernel with ``launch``.
+    """
+    options = tuple(options)
+    key = ("cute-file", source_file, options, _cupy().cuda.Device().id)
+    path = SOURCE_DIR / source_file
+
+    def read_code():
+        if not path.is_file():
+            raise CompileError(f"{source_file}: no such CUDA source in {SOURCE_DIR}")
+        return path.read_text()
+
+    return _cute_kernel(key, source_file, read_code, name, options, (path.parent,))
+
+
+def compile_cute_source(code, name, options=(), filename="<user>"):
+    """Like get_cute_kernel for a source given as a string; ``filename`` names it in errors and logs."""
+    options = tuple(options)
+    key = ("cute-code", filename, hashlib.sha256(code.encode()).hexdigest(), options, _cupy().cuda.Device().id)
+    return _cute_kernel(key, filename, lambda: code, name, options, ())
+
+
 def _dims(value, what):
     if type(value) is int and value >= 1:  # the common cases first: launch is on every op's hot path
         return (value,)
@@ -379,6 +443,7 @@ class _NVRTC:
                 "nvrtcGetProgramLogSize": [P, ctypes.POINTER(S)], "nvrtcGetProgramLog": [P, C],
                 "nvrtcGetCUBINSize": [P, ctypes.POINTER(S)], "nvrtcGetCUBIN": [P, C],
                 "nvrtcGetPTXSize": [P, ctypes.POINTER(S)], "nvrtcGetPTX": [P, C],
+                "nvrtcGetLoweredName": [P, C, ctypes.POINTER(C)],
                 "nvrtcDestroyProgram": [ctypes.POINTER(P)]}
         for fn, argtypes in sigs.items():
             getattr(lib, fn).argtypes, getattr(lib, fn).restype = argtypes, ctypes.c_int
@@ -393,8 +458,12 @@ class _NVRTC:
         self.check(self.lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
         return major.value, minor.value
 
-    def compile(self, code, filename, options, name_expressions):
-        """(ok, log, binary): the cubin for a real sm_XY architecture, the PTX for compute_XY."""
+    def compile(self, code, filename, options, name_expressions, lowered=None):
+        """(ok, log, binary): the cubin for a real sm_XY architecture, the PTX for compute_XY.
+
+        ``lowered``, a dict when given, receives the mangled name of each name expression (what a loaded
+        module's get_function needs for a template kernel).
+        """
         lib, prog = self.lib, ctypes.c_void_p()
         self.check(lib.nvrtcCreateProgram(ctypes.byref(prog), code.encode(), filename.encode(), 0, None, None),
                    "nvrtcCreateProgram")
@@ -407,6 +476,12 @@ class _NVRTC:
             if result != 0:
                 return False, log or lib.nvrtcGetErrorString(result).decode(), b""
             kind = "nvrtcGetCUBIN" if any(o.startswith("-arch=sm_") for o in options) else "nvrtcGetPTX"
+            if lowered is not None:
+                for name in name_expressions:
+                    out = ctypes.c_char_p()
+                    self.check(lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(out)),
+                               f"nvrtcGetLoweredName({name})")
+                    lowered[name] = out.value.decode()
             return True, log, self._read(prog, kind)
         finally:
             lib.nvrtcDestroyProgram(ctypes.byref(prog))
@@ -444,12 +519,28 @@ def compile_for_arch(source_file, arch, name_expressions=(), options=(), source_
         raise CompileError(f"{label}: no such CUDA source")
     code = path.read_text()
     names = list(dict.fromkeys([*parse_instantiations(code), *name_expressions]))
+    from . import nvrtc_cache
+    if nvrtc_cache.uses_cute(code):
+        return _compile_cute_for_arch(path, label, code, arch, names, tuple(options))
     full = BASE_OPTIONS + include_options((path.parent,)) + (f"-arch={arch}",) + tuple(options)
     lib = nvrtc()
     if lib is not None:
         ok, log, binary = lib.compile(code, label, full, names)
     else:
         ok, log, binary = _compile_with_nvcc(path, full, names)
+    if not ok:
+        raise CompileError(f"{label}: compilation for {arch} failed\n{log.strip()}")
+    return binary
+
+
+def _compile_cute_for_arch(path, label, code, arch, names, options):
+    """compile_for_arch for a CuTe/CUTLASS source: NVRTC through the disk cache (one compile per key, also
+    across test sessions), else nvcc with the same include folders."""
+    from . import nvrtc_cache
+    full = nvrtc_cache.cute_options(arch, (path.parent,)) + options
+    if nvrtc() is not None:
+        return nvrtc_cache.compile_cached(code, label, full, names, (path.parent,)).path.read_bytes()
+    ok, log, binary = _compile_with_nvcc(path, [o for o in full if o not in nvrtc_cache.CUTE_OPTIONS], names)
     if not ok:
         raise CompileError(f"{label}: compilation for {arch} failed\n{log.strip()}")
     return binary
