@@ -62,8 +62,9 @@ def _op_step(logits, targets, **kw):
 
 @pytest.mark.gpu
 def test_cross_entropy_forward_backward(cuda_bench):
-    # Bytes: the logits read once and their gradient written once, 2 * N * V * 2 (bf16); the kernel reads each row
-    # a second time, from L2. This is the figure: the op's forward and backward.
+    # Bytes: the logits read once and their gradient written once, 2 * N * V * 2 (bf16), which is what the cluster
+    # kernel moves. This is the figure: the op's forward and backward (target check and loss reduction
+    # included).
     logits, targets = _ce_inputs()
     baselines = _torch_ce_baselines(logits, targets)
     logits.requires_grad_(True)

@@ -154,6 +154,17 @@ def main():
                      ours, theirs))
     rows.append(("GEMM sum x 22 (linear_rows)", gemm_sum * 22, float("nan")))
 
+    # Host time of the raw-array prefill by function (cProfile adds its own overhead; the ranking is what matters).
+    import cProfile
+    import pstats
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(3):
+        prefill()
+    cupy.cuda.Device().synchronize()
+    profile.disable()
+    pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+
     print(f"\n{'step':70s} {'GPU ms':>9s} {'host ms':>9s}")
     for name, g, h in rows:
         print(f"{name:70s} {g:9.3f} {h:9.3f}")

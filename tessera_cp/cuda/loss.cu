@@ -9,24 +9,31 @@
 // +-1e30 in f32 lose no precision to the size of m.
 //
 // cross_entropy_fwd_cluster (Hopper, the fast path for long rows with a gradient): a row is split over a cluster of
-// CLUSTER blocks (1, 2, 4 or 8) of CLUSTER_THREADS threads, each thread holding up to CLUSTER_PACKS 16-byte packs of
-// its block's contiguous share in registers (64 KiB per block, so a cluster of 8 holds 512 KiB: 256k bf16 or 128k
-// f32 logits). All packs are loaded at once (16 independent 16-byte loads per thread in flight), the (max, sum of
-// exp, sum) of the share is merged over the block, then over the cluster through distributed shared memory (one
-// cluster barrier), and the gradient is written from the registers: the logits are read from memory exactly once
-// and the gradient written once, whatever the L2 holds. Two blocks per SM (registers capped at 128), so one
-// block's loads overlap another's reductions and stores. The host picks it on compute capability >= 9.0 for rows
-// of more than CLUSTER_MIN_ROW_BYTES whose gradient buffer has the logits' 16-byte alignment; the cluster size is
-// compiled in (__cluster_dims__), so an ordinary launch of n_rows * CLUSTER blocks forms the clusters. Without a
-// gradient the fallback below is faster (it streams each row once; measured 0.85 ms against 1.02 ms).
+// CLUSTER blocks (1, 2, 4 or 8) of CLUSTER_THREADS threads, each thread holding up to PACKS 16-byte packs of its
+// block's contiguous share in registers. PACKS is 8 (32 KiB per block, 4 blocks per SM: registers capped at 64) or
+// 16 (64 KiB per block, 2 blocks per SM: capped at 128); a cluster of 8 then holds rows of 256 or 512 KiB (128k or
+// 256k bf16 logits). All packs are loaded at once (PACKS independent 16-byte loads per thread in flight), the (max,
+// sum of exp, sum) of the share is merged over the block, then over the cluster through distributed shared memory
+// (one cluster barrier), and the gradient is written from the registers: the logits are read from memory exactly
+// once and the gradient written once, whatever the L2 holds. Several blocks per SM, so one block's loads overlap
+// another's reductions and stores. The host picks it on compute capability >= 9.0 for rows of more than
+// CLUSTER_MIN_ROW_BYTES whose gradient buffer has the logits' 16-byte alignment, with PACKS 8 when a cluster of 8
+// such blocks holds the row (faster at 8192 x 128256 bf16: 1.665 against 1.697 ms in one run), else 16; the cluster
+// size is compiled in (__cluster_dims__), so an ordinary launch of n_rows * CLUSTER blocks forms the clusters.
+// Without a gradient the fallback below is faster (it streams each row once; measured 0.85 ms against 1.02 ms).
 // cross_entropy_fwd: the fallback, one block per row. Pass 1 reads the row once, each thread keeping an online
 // (max, sum of exp) pair and the row sum (for smoothing), merged across the block. With write_grad, pass 2 walks
 // the row again in the reverse order, so that it first re-reads what pass 1 read last (most likely still in L2),
 // and writes the gradient.
 // Both: `grad` may be the logits themselves (each element is read, then written, by the same thread, after the
 // row's statistics are complete). Rows whose target is ignore_index give loss 0 and a zero gradient row and read
-// no logits. A target outside [0, V) (the host checks before launching; this is the last line of defence) gives
-// a NaN loss and gradient row and is never used as an index.
+// no logits. A target outside [0, V) gives a NaN loss and gradient row and is never used as an index.
+// Both take `check` [2] = (targets counted, of those outside [0, V)), as count_targets wrote it earlier on the same
+// stream (or zeros), so that the host can launch them before it has read the count back: when check[1] != 0 they
+// write nothing at all (no loss, no gradient: in-place logits stay intact), and the host raises once it reads the
+// count. With per_count != 0 the gradient's scale is grad_scale / check[0] (when check[0] > 0): the "mean"
+// reduction's factor. The cluster kernel loads check[1] just before its block merge, so that the load's latency
+// hides behind the merges (loaded with the row, it stayed live through it and cost a spill at 8 packs).
 // cross_entropy_bwd: the gradient from saved (m, log_s), for columns [col0, col0 + n_cols) of a V-class row (a
 // chunk of rows of the fused linear cross-entropy, or a vocabulary slice), scaled by
 // base_scale * row_scale[row * scale_stride].
@@ -34,8 +41,9 @@
 // memory traffic), so the common upstream gradient of 1 costs one tiny launch and no host synchronisation. Blocks
 // stride over the rows (the host launches fewer blocks than rows when the factor is one scalar).
 // count_targets: how many targets are counted (not ignore_index) and how many of those lie outside [0, V), in one
-// launch of one block: the host's check before any other kernel reads the logits (one small launch and one
-// 16-byte device-to-host copy per call, instead of a chain of array operations).
+// launch of one block, before the forward kernel on the same stream (which reads them as `check`).
+// reduce_loss: the per-row losses summed (and for "mean" divided by check[0]; 0 when nothing is counted) into one
+// float, on the device: the host never waits for the count to finish the forward.
 //
 // Vector access: 16-byte loads/stores in the row's aligned middle, scalar for the unaligned head and the tail, so
 // any row length (odd vocabularies such as 50257, or 1) and any row offset works. Indices into the whole array are
@@ -43,12 +51,15 @@
 // per row.
 //
 // tessera-instantiate: cross_entropy_fwd<float>; cross_entropy_fwd<__half>; cross_entropy_fwd<__nv_bfloat16>
-// tessera-instantiate: cross_entropy_fwd_cluster<float, 1>; cross_entropy_fwd_cluster<float, 2>
-// tessera-instantiate: cross_entropy_fwd_cluster<float, 4>; cross_entropy_fwd_cluster<float, 8>
-// tessera-instantiate: cross_entropy_fwd_cluster<__half, 1>; cross_entropy_fwd_cluster<__half, 2>
-// tessera-instantiate: cross_entropy_fwd_cluster<__half, 4>; cross_entropy_fwd_cluster<__half, 8>
-// tessera-instantiate: cross_entropy_fwd_cluster<__nv_bfloat16, 1>; cross_entropy_fwd_cluster<__nv_bfloat16, 2>
-// tessera-instantiate: cross_entropy_fwd_cluster<__nv_bfloat16, 4>; cross_entropy_fwd_cluster<__nv_bfloat16, 8>
+// tessera-instantiate: cross_entropy_fwd_cluster<float, 1, 8>; cross_entropy_fwd_cluster<float, 2, 8>
+// tessera-instantiate: cross_entropy_fwd_cluster<float, 4, 8>; cross_entropy_fwd_cluster<float, 8, 8>
+// tessera-instantiate: cross_entropy_fwd_cluster<float, 4, 16>; cross_entropy_fwd_cluster<float, 8, 16>
+// tessera-instantiate: cross_entropy_fwd_cluster<__half, 1, 8>; cross_entropy_fwd_cluster<__half, 2, 8>
+// tessera-instantiate: cross_entropy_fwd_cluster<__half, 4, 8>; cross_entropy_fwd_cluster<__half, 8, 8>
+// tessera-instantiate: cross_entropy_fwd_cluster<__half, 4, 16>; cross_entropy_fwd_cluster<__half, 8, 16>
+// tessera-instantiate: cross_entropy_fwd_cluster<__nv_bfloat16, 1, 8>; cross_entropy_fwd_cluster<__nv_bfloat16, 2, 8>
+// tessera-instantiate: cross_entropy_fwd_cluster<__nv_bfloat16, 4, 8>; cross_entropy_fwd_cluster<__nv_bfloat16, 8, 8>
+// tessera-instantiate: cross_entropy_fwd_cluster<__nv_bfloat16, 4, 16>; cross_entropy_fwd_cluster<__nv_bfloat16, 8, 16>
 // tessera-instantiate: cross_entropy_bwd<float>; cross_entropy_bwd<__half>; cross_entropy_bwd<__nv_bfloat16>
 // tessera-instantiate: scale_rows<float>; scale_rows<__half>; scale_rows<__nv_bfloat16>
 #include <cuda_bf16.h>
@@ -64,27 +75,24 @@ constexpr int VEC_BYTES = 16;
 constexpr int LOADS_IN_FLIGHT = 4;  // packs each thread loads before using any: memory parallelism for pass 1
 constexpr float LOG2E = 1.4426950408889634f;
 
-// cross_entropy_fwd_cluster: threads per block, packs per thread (held in registers: 64 of the 128 a thread may
-// use at CLUSTER_MIN_BLOCKS blocks per SM), and so the bytes of a row one block holds (64 KiB). Measured on the
-// H100 (bench/tune_loss.py, bf16 8192 x 128256 with the gradient; two runs): 256 x 16 at 2 blocks/SM 1.67 / 1.75
-// ms, 256 x 8 at 4 1.66 / 1.69 ms (but a cluster of 8 then holds only 256 KiB rows), 512 x 8 at 2 1.77 / 1.75 ms,
-// 512 x 4 at 3 2.03 ms, 1024 x 4 at 1 2.39 ms. The -D overrides exist for that script, which launches such builds
-// itself; loss.py's host code assumes the defaults.
-#ifndef TESSERA_LOSS_CLUSTER_THREADS
-#define TESSERA_LOSS_CLUSTER_THREADS 256
-#endif
-#ifndef TESSERA_LOSS_CLUSTER_PACKS
-#define TESSERA_LOSS_CLUSTER_PACKS 16
-#endif
-#ifndef TESSERA_LOSS_CLUSTER_MIN_BLOCKS
-#define TESSERA_LOSS_CLUSTER_MIN_BLOCKS 2
-#endif
-constexpr int CLUSTER_THREADS = TESSERA_LOSS_CLUSTER_THREADS;
-constexpr int CLUSTER_PACKS = TESSERA_LOSS_CLUSTER_PACKS;
-constexpr int CLUSTER_MIN_BLOCKS = TESSERA_LOSS_CLUSTER_MIN_BLOCKS;
-constexpr int CLUSTER_BLOCK_PACKS = CLUSTER_THREADS * CLUSTER_PACKS;
+// cross_entropy_fwd_cluster: threads per block, and the 16-byte packs of registers each SM gives the rows it holds
+// (PACKS per thread x blocks per SM: 8 x 4 or 16 x 2, so 64 or 128 registers per thread). Measured on the H100
+// (bench/tune_loss.py, bf16 8192 x 128256 with the gradient): 256 x 8 at 4 blocks/SM 1.66 / 1.69 / 1.665 ms
+// (three runs), 256 x 16 at 2 1.67 / 1.75 / 1.697 ms, 512 x 8 at 2 1.77 / 1.75 ms, 512 x 4 at 3 2.03 ms, 1024 x 4
+// at 1 2.39 ms.
+constexpr int CLUSTER_THREADS = 256;
+constexpr int CLUSTER_SM_PACKS = 32;
 
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fffffff); }
+
+// The gradient's scale: grad_scale, or with per_count grad_scale / check[0] (when check[0] > 0). Read where it is
+// used (held through the row's loads it cost a spill at 8 packs); a float division, correctly rounded, so for
+// counts below 2^24 the same bits as the host's numpy.float32(1.0 / count) (a double division spilled too).
+__device__ __forceinline__ float count_scale(float grad_scale, const unsigned long long *check, int per_count) {
+    if (!per_count) return grad_scale;
+    const unsigned long long count = check[0];
+    return count ? grad_scale / (float)count : grad_scale;
+}
 __device__ __forceinline__ float exp_(float x) { return exp2f(x * LOG2E); }
 // 2^x in one MUFU.EX2 (exp2f adds a range fix-up for results below 2^-126; those flush to 0 here, which no
 // softmax sum (>= 1) or stored gradient can tell apart).
@@ -328,19 +336,22 @@ __device__ __forceinline__ float load_cluster_shared(const float *local, unsigne
 #endif
 
 // logits [n_rows, vocab] row-major; targets [n_rows] int64; loss, row_max, row_logsum [n_rows] float.
-// With write_grad != 0, grad [n_rows, vocab] (may be logits) gets (softmax - q) * grad_scale.
+// With write_grad != 0, grad [n_rows, vocab] (may be logits) gets (softmax - q) * scale, scale = grad_scale, or
+// grad_scale / check[0] with per_count. check [2]: see the header (check[1] != 0: nothing is written).
 template <typename T>
 __global__ void __launch_bounds__(tessera_loss::MAX_THREADS)
 cross_entropy_fwd(const T *logits, const long long *targets, float *loss, float *row_max, float *row_logsum,
                   T *grad, long long n_rows, long long vocab, long long ignore_index, float smoothing,
-                  float grad_scale, int write_grad) {
+                  float grad_scale, int write_grad, const unsigned long long *check, int per_count) {
     using namespace tessera_loss;
     const long long row = blockIdx.x;
     if (row >= n_rows) return;
     const T *x = logits + row * vocab;
     T *g = grad + row * vocab;
     const long long t = targets[row];
+    const bool refused = check[1] != 0;
     if (t == ignore_index || t < 0 || t >= vocab) {
+        if (refused) return;
         const float v = t == ignore_index ? 0.0f : quiet_nan();
         if (threadIdx.x == 0) { loss[row] = v; row_max[row] = v; row_logsum[row] = v; }
         if (write_grad) fill_row(g, vocab, v);
@@ -348,6 +359,7 @@ cross_entropy_fwd(const T *logits, const long long *targets, float *loss, float 
     }
     const float xt = to_float(x[t]);  // read before pass 2 may overwrite the row
     const RowStats st = row_stats(x, vocab);
+    if (refused) return;  // uniform over the block, after its last barrier
     const float log_s = logf(st.s);
     if (threadIdx.x == 0) {
         float l = log_s + (1.0f - smoothing) * (st.m - xt);
@@ -357,17 +369,19 @@ cross_entropy_fwd(const T *logits, const long long *targets, float *loss, float 
         row_logsum[row] = log_s;
     }
     if (write_grad)
-        write_grad_row(x, g, vocab, 0, t, st.m, log_s, smoothing / (float)vocab, 1.0f - smoothing, grad_scale);
+        write_grad_row(x, g, vocab, 0, t, st.m, log_s, smoothing / (float)vocab, 1.0f - smoothing,
+                       count_scale(grad_scale, check, per_count));
 }
 
 // Same arguments and results as cross_entropy_fwd; grid n_rows * CLUSTER blocks of CLUSTER_THREADS, and the row's
-// 16-byte packs (after its unaligned head) at most CLUSTER * CLUSTER_BLOCK_PACKS (the host checks both).
-template <typename T, int CLUSTER>
+// 16-byte packs (after its unaligned head) at most CLUSTER * CLUSTER_THREADS * PACKS (the host checks both).
+template <typename T, int CLUSTER, int PACKS>
 __global__ void TESSERA_LOSS_CLUSTER(CLUSTER)
-__launch_bounds__(tessera_loss::CLUSTER_THREADS, tessera_loss::CLUSTER_MIN_BLOCKS)
+__launch_bounds__(tessera_loss::CLUSTER_THREADS, tessera_loss::CLUSTER_SM_PACKS / PACKS)
 cross_entropy_fwd_cluster(const T *logits, const long long *targets, float *loss, float *row_max,
                           float *row_logsum, T *grad, long long n_rows, long long vocab, long long ignore_index,
-                          float smoothing, float grad_scale, int write_grad) {
+                          float smoothing, float grad_scale, int write_grad, const unsigned long long *check,
+                          int per_count) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     using namespace tessera_loss;
     constexpr int N = Pack<T>::N;
@@ -389,6 +403,7 @@ cross_entropy_fwd_cluster(const T *logits, const long long *targets, float *loss
     T *gbody = g + head;
 
     if (t == ignore_index || t < 0 || t >= vocab) {
+        if (check[1]) return;  // the same for every block of the cluster: none waits at a cluster barrier
         const float v = t == ignore_index ? 0.0f : quiet_nan();
         if (rank == 0 && tid == 0) { loss[row] = v; row_max[row] = v; row_logsum[row] = v; }
         if (write_grad) {
@@ -398,7 +413,7 @@ cross_entropy_fwd_cluster(const T *logits, const long long *targets, float *loss
             Pack<T> fill;
             fill.from_float(f);
 #pragma unroll
-            for (int k = 0; k < CLUSTER_PACKS; ++k)
+            for (int k = 0; k < PACKS; ++k)
                 if (k < mine) fill.store(gbody + (long long)(p0 + tid + k * CLUSTER_THREADS) * N);
             if (has_head) g[tid] = from_float<T>(v);
             if (has_tail) g[split.tail_start + tid] = from_float<T>(v);
@@ -407,9 +422,9 @@ cross_entropy_fwd_cluster(const T *logits, const long long *targets, float *loss
     }
 
     // Every load first (independent, all in flight), then the math.
-    Pack<T> p[CLUSTER_PACKS];
+    Pack<T> p[PACKS];
 #pragma unroll
-    for (int k = 0; k < CLUSTER_PACKS; ++k)
+    for (int k = 0; k < PACKS; ++k)
         if (k < mine) p[k].load(body + (long long)(p0 + tid + k * CLUSTER_THREADS) * N);
     const float head_v = has_head ? to_float(x[tid]) : neg_inf();
     const float tail_v = has_tail ? to_float(x[split.tail_start + tid]) : neg_inf();
@@ -418,7 +433,7 @@ cross_entropy_fwd_cluster(const T *logits, const long long *targets, float *loss
     // This thread's (max, sum of exp(x - max), sum), from registers: no online rescaling needed.
     float top = fmaxf(head_v, tail_v);
 #pragma unroll
-    for (int k = 0; k < CLUSTER_PACKS; ++k) {
+    for (int k = 0; k < PACKS; ++k) {
         if (k < mine) {
             float v[N];
             p[k].to_float(v);
@@ -433,7 +448,7 @@ cross_entropy_fwd_cluster(const T *logits, const long long *targets, float *loss
         if (has_head) { s += ex2_ftz((head_v - top) * LOG2E); sum += head_v; }
         if (has_tail) { s += ex2_ftz((tail_v - top) * LOG2E); sum += tail_v; }
 #pragma unroll
-        for (int k = 0; k < CLUSTER_PACKS; ++k) {
+        for (int k = 0; k < PACKS; ++k) {
             if (k < mine) {
                 float v[N];
                 p[k].to_float(v);
@@ -446,6 +461,8 @@ cross_entropy_fwd_cluster(const T *logits, const long long *targets, float *loss
     } else if (has_head || has_tail || mine > 0) {
         st.sum = neg_inf();  // the values are all -inf: so is their sum
     }
+    // Loaded here, so that its latency hides behind the merges (see the header).
+    const bool refused = check[1] != 0;  // a refused launch computes, then stores nothing
     st = block_merge(st);
 
     if constexpr (CLUSTER > 1) {
@@ -472,21 +489,22 @@ cross_entropy_fwd_cluster(const T *logits, const long long *targets, float *loss
     }
 
     const float log_s = logf(st.s);
-    if (rank == 0 && tid == 0) {
+    if (!refused && rank == 0 && tid == 0) {
         float l = log_s + (1.0f - smoothing) * (st.m - xt);
         if (smoothing != 0.0f) l += smoothing * (st.m - st.sum / (float)vocab);
         loss[row] = l;
         row_max[row] = st.m;
         row_logsum[row] = log_s;
     }
-    if (write_grad) {
+    if (write_grad && !refused) {
         // grad = exp((x - m) - log_s) * scale - eps/V * scale, and - (1 - eps) * scale at the target.
+        grad_scale = count_scale(grad_scale, check, per_count);
         const float m = st.m, ls2 = log_s * LOG2E, eps_scaled = smoothing / (float)vocab * grad_scale;
         const float hit_scaled = (1.0f - smoothing) * grad_scale;
         const long long at_body = t - head;  // the target's place in the body (negative: in the head)
         const int t_pack = at_body >= 0 ? (int)(at_body / N) : -1, t_lane = at_body >= 0 ? (int)(at_body % N) : -1;
 #pragma unroll
-        for (int k = 0; k < CLUSTER_PACKS; ++k) {
+        for (int k = 0; k < PACKS; ++k) {
             if (k < mine) {
                 const int i = p0 + tid + k * CLUSTER_THREADS;
                 float v[N];
@@ -578,5 +596,28 @@ extern "C" __global__ void count_targets(const long long *targets, long long n, 
         for (int w = 1; w < (int)(blockDim.x / WARP); ++w) { counted += partial[0][w]; bad += partial[1][w]; }
         out[0] = counted;
         out[1] = bad;
+    }
+}
+
+// loss [n] float (rows that are ignored hold 0); out[0] = their sum, divided by check[0] when mean != 0 (0 when
+// check[0] is 0: a batch with nothing counted gives 0, not NaN); NaN when check[1] != 0 (the forward wrote no
+// loss). One block, any multiple of 32 threads up to MAX_THREADS; summed in double in a fixed order (each thread
+// strides, then a fixed tree), so the result is the same on every run.
+extern "C" __global__ void reduce_loss(const float *loss, long long n, const unsigned long long *check, int mean,
+                                       float *out) {
+    using namespace tessera_loss;
+    __shared__ double partial[WARP];
+    double acc = 0.0;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) acc += (double)loss[i];
+#pragma unroll
+    for (int off = WARP / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    if (lane == 0) partial[warp] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x / WARP); ++w) acc += partial[w];
+        const unsigned long long counted = check[0];
+        if (mean) acc = counted ? acc / (double)counted : 0.0;
+        out[0] = check[1] ? quiet_nan() : (float)acc;
     }
 }

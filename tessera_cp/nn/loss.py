@@ -5,9 +5,11 @@ Cross-entropy (``stable_cross_entropy``, ``softmax_cross_entropy``): class score
 the leading shape. Label smoothing is PyTorch's: the target distribution is ``(1 - eps) * onehot + eps / V``, so a
 row's loss is ``(1 - eps) * -log p_t + eps * mean_j(-log p_j)``. Rows whose target is ``ignore_index`` add nothing;
 "mean" divides by the number of counted rows and is 0 (not NaN) when none is counted. Targets outside ``[0, V)``
-(other than ``ignore_index``) raise ``IndexOutOfRangeError`` before anything reads the logits: the check runs on the
-host, after one small kernel and one device-to-host copy per call (a kernel would read out of bounds otherwise; the
-kernel also guards itself, giving NaN rather than reading outside the row).
+(other than ``ignore_index``) raise ``IndexOutOfRangeError`` before the call returns, and nothing reads outside a
+row: on the CPU the check runs before anything else; on the GPU a small kernel (count_targets) counts the targets
+first on the stream, the forward kernel that follows reads that count (for "mean", its gradient's scale) and writes
+nothing at all when a target is out of range, and the host reads the count back only after launching it (so that
+its wait overlaps the kernel), then raises. The loss's reduction runs on the device too (reduce_loss).
 
 How the gradient is made: when the logits need a gradient, the forward computes it too, for an upstream gradient of
 1, in the same pass over the logits (on a Hopper GPU one kernel reads each row from memory exactly once, splitting
@@ -25,6 +27,8 @@ The loss is f32 for f16/bf16/f32 logits (a bf16 loss of ~12 would be rounded by 
 in f32, unless ``TESSERA_REFERENCE=1``; everything else runs the array-module reference below.
 """
 
+import threading
+
 import numpy
 
 from .. import autograd, backend, dtypes
@@ -38,11 +42,16 @@ REDUCTIONS = ("mean", "sum", "none")
 MAX_THREADS = 1024       # loss.cu's MAX_THREADS (its __launch_bounds__)
 LOADS_IN_FLIGHT = 4      # loss.cu's LOADS_IN_FLIGHT: packs of 16 bytes a thread loads per step
 CLUSTER_THREADS = 256    # loss.cu's CLUSTER_THREADS: cross_entropy_fwd_cluster's block size
-CLUSTER_PACKS = 16       # loss.cu's CLUSTER_PACKS: 16-byte packs of the row each of its threads holds
+# cross_entropy_fwd_cluster's PACKS per thread: 8 (4 blocks per SM) where a cluster of MAX_CLUSTER such blocks holds
+# the row (measured faster), else 16 (2 per SM, twice the row). CLUSTER_SIZES: the cluster sizes loss.cu
+# instantiates for each (16 only where the host may pick it, and at 4 for comparison).
+CLUSTER_PACKS = (8, 16)
+CLUSTER_SIZES = {8: (1, 2, 4, 8), 16: (4, 8)}
 MAX_CLUSTER = 8          # the largest cluster loss.cu instantiates (the portable limit)
 CLUSTER_MIN_ROW_BYTES = CLUSTER_THREADS * 16  # shorter rows (under one pack per thread) take the one-block kernel
 SCALE_THREADS = 256
 COUNT_THREADS = 1024     # count_targets: one block
+REDUCE_THREADS = 1024    # reduce_loss: one block
 SCALE_BLOCKS = 1024      # scale_rows' blocks for one scalar factor (they stride over the rows)
 CHUNK_BYTES = 256 << 20  # fused linear cross-entropy: the largest chunk of logits it holds at once
 _NO_IGNORE = int(numpy.iinfo(numpy.int64).min)  # no valid target equals it (negatives are rejected)
@@ -75,6 +84,20 @@ def _kernel(name, dtype=None, *params):
     return runtime, runtime.get_kernel("loss.cu", f"{name}<{args}>")
 
 
+_KERNELS = {}  # (name, dtype, params, device id) -> (runtime, kernel)
+
+
+def _kernel_for(x, name, dtype=None, *params):
+    """_kernel for a launch on x's device, kept per device: a repeated launch skips the runtime's lookup."""
+    if not backend.is_cupy_array(x):
+        return _kernel(name, dtype, *params)
+    key = (name, dtype, params, x.device.id)
+    found = _KERNELS.get(key)
+    if found is None:
+        found = _KERNELS[key] = _kernel(name, dtype, *params)
+    return found
+
+
 _CLUSTER_DEVICES = {}  # device id -> whether it runs thread-block clusters
 
 
@@ -88,21 +111,76 @@ def _has_clusters(x):
     return _CLUSTER_DEVICES[device.id]
 
 
-def _cluster_size(x, grad):
-    """Blocks per row for cross_entropy_fwd_cluster (1, 2, 4 or 8), or 0 for the one-block-per-row kernel.
+def _cluster_blocks(packs, per_thread):
+    """The fewest blocks (1, 2, 4 or 8) of per_thread packs per thread that hold ``packs``; 0 if 8 do not."""
+    size = 1
+    while size * CLUSTER_THREADS * per_thread < packs:
+        size *= 2
+    return size if size <= MAX_CLUSTER else 0
+
+
+def _cluster_shape(x, grad):
+    """(blocks per row, packs per thread) for cross_entropy_fwd_cluster, or (0, 0) for the one-block-per-row kernel.
 
     The cluster kernel takes a gradient's rows of more than CLUSTER_MIN_ROW_BYTES that MAX_CLUSTER blocks can hold
     (256k bf16 or 128k f32 logits), on a GPU with clusters, when the gradient buffer has the logits' 16-byte
-    alignment. Without a gradient the one-block kernel reads each row once anyway, and measured faster."""
+    alignment; 8 packs per thread where 8 blocks of them hold the row, else 16. Without a gradient the one-block
+    kernel reads each row once anyway, and measured faster."""
     row_bytes = x.shape[1] * x.itemsize
     if grad is None or row_bytes <= CLUSTER_MIN_ROW_BYTES or not _has_clusters(x):
-        return 0
+        return 0, 0
     if (grad.data.ptr - x.data.ptr) % 16:
-        return 0
-    packs, size = row_bytes // 16, 1  # packs: at least the row's whole aligned packs
-    while size * CLUSTER_THREADS * CLUSTER_PACKS < packs:
-        size *= 2
-    return size if size <= MAX_CLUSTER else 0
+        return 0, 0
+    packs = row_bytes // 16  # at least the row's whole aligned packs
+    for per_thread in CLUSTER_PACKS:
+        size = _cluster_blocks(packs, per_thread)
+        if size:
+            return size, per_thread
+    return 0, 0
+
+
+_FORWARD_PLANS = {}  # (shape, dtype, device, gradient and its alignment, forced choice) -> the launch
+
+
+def _forward_plan(x, grad, cluster=None, packs=None):
+    """(runtime, kernel, grid, block) of the forward kernel for x [N, V] and grad; on a GPU kept per shape, dtype,
+    device and alignment, so that a repeated call (a training loop) skips the choice and the lookups."""
+    key = None
+    if backend.is_cupy_array(x):
+        alignment = -1 if grad is None else (grad.data.ptr - x.data.ptr) % 16
+        key = (x.shape, x.dtype, x.device.id, alignment, cluster, packs)
+        plan = _FORWARD_PLANS.get(key)
+        if plan is not None:
+            return plan
+    n, v = x.shape
+    if cluster is None:
+        cluster, packs = _cluster_shape(x, grad)
+    elif cluster and packs is None:  # forced size: the fewest packs per thread that fit
+        packs = next((p for p in CLUSTER_PACKS if cluster * CLUSTER_THREADS * p * 16 >= v * x.itemsize),
+                     CLUSTER_PACKS[-1])
+    if cluster:
+        runtime, kernel = _kernel("cross_entropy_fwd_cluster", x.dtype, cluster, packs)
+        plan = (runtime, kernel, _grid(n * cluster), (CLUSTER_THREADS,))
+    else:
+        runtime, kernel = _kernel("cross_entropy_fwd", x.dtype)
+        plan = (runtime, kernel, _grid(n), (_threads(v, x.itemsize),))
+    if key is not None:
+        _FORWARD_PLANS[key] = plan
+    return plan
+
+
+_NO_CHECK = {}  # device id -> a device array (0, 0)
+
+
+def _no_check(x):
+    """The forward kernels' ``check`` when no target count ran on the device: (0, 0), nothing refused."""
+    if not backend.is_cupy_array(x):
+        return numpy.zeros(2, dtype=numpy.uint64)
+    found = _NO_CHECK.get(x.device.id)
+    if found is None:
+        with x.device:
+            found = _NO_CHECK[x.device.id] = backend.array_module(x).zeros(2, dtype=numpy.uint64)
+    return found
 
 
 def _targets_on_gpu(flat):
@@ -150,24 +228,23 @@ def _rows_forward_reference(x, targets, ignore_index, smoothing, grad, grad_scal
     return loss, m[:, 0], log_s
 
 
-def _rows_forward_kernel(x, targets, ignore_index, smoothing, grad, grad_scale, out=None, cluster=None):
+def _rows_forward_kernel(x, targets, ignore_index, smoothing, grad, grad_scale, out=None, cluster=None, packs=None,
+                         check=None, per_count=False):
     """The CUDA path of _rows_forward; ``out`` (three f32 [N] arrays) lets tests hand in NaN-poisoned outputs;
-    ``cluster``: None picks the kernel (_cluster_size), 0 forces the one-block-per-row kernel, 1/2/4/8 the cluster
-    kernel with that many blocks per row (tests and benchmarks)."""
+    ``cluster``: None picks the kernel (_cluster_shape), 0 forces the one-block-per-row kernel, 1/2/4/8 the cluster
+    kernel with that many blocks per row (``packs`` per thread: 8 or 16; None: the fewest that hold the row), for
+    tests and benchmarks. ``check``: count_targets' [2] result on the device (None: nothing checked); the kernel
+    writes nothing when check[1] != 0, and with ``per_count`` divides grad_scale by check[0]."""
     xp = backend.array_module(x)
     n, v = x.shape
     loss, m, log_s = out if out is not None else (xp.empty(n, dtype=numpy.float32) for _ in range(3))
     if n:
-        size = _cluster_size(x, grad) if cluster is None else cluster
-        args = (x, targets, loss, m, log_s, x if grad is None else grad, numpy.int64(n), numpy.int64(v),
-                numpy.int64(ignore_index), numpy.float32(smoothing), numpy.float32(grad_scale),
-                numpy.int32(grad is not None))
-        if size:
-            runtime, kernel = _kernel("cross_entropy_fwd_cluster", x.dtype, size)
-            runtime.launch(kernel, _grid(n * size), (CLUSTER_THREADS,), args)
-        else:
-            runtime, kernel = _kernel("cross_entropy_fwd", x.dtype)
-            runtime.launch(kernel, _grid(n), (_threads(v, x.itemsize),), args)
+        runtime, kernel, grid, block = _forward_plan(x, grad, cluster, packs)
+        runtime.launch(kernel, grid, block,
+                       (x, targets, loss, m, log_s, x if grad is None else grad, numpy.int64(n), numpy.int64(v),
+                        numpy.int64(ignore_index), numpy.float32(smoothing), numpy.float32(grad_scale),
+                        numpy.int32(grad is not None), _no_check(x) if check is None else check,
+                        numpy.int32(per_count)))
     return loss, m, log_s
 
 
@@ -180,7 +257,7 @@ def _rows_backward(x, targets, m, log_s, col0, vocab, ignore_index, smoothing, o
         if not n:
             return out
         scale = xp.ones(1, numpy.float32) if row_scale is None else xp.ascontiguousarray(row_scale, numpy.float32)
-        runtime, kernel = _kernel("cross_entropy_bwd", x.dtype)
+        runtime, kernel = _kernel_for(x, "cross_entropy_bwd", x.dtype)
         runtime.launch(kernel, _grid(n), (_threads(cols, x.itemsize),),
                        (x, targets, m, log_s, scale, out, numpy.int64(n), numpy.int64(cols), numpy.int64(col0),
                         numpy.int64(vocab), numpy.int64(ignore_index), numpy.float32(smoothing),
@@ -209,8 +286,10 @@ def _scale_rows(x, g, per_row):
         return x
     if _use_kernel(x) and x.flags.c_contiguous:
         xp = backend.array_module(x)
-        factor = xp.ascontiguousarray(g.reshape(-1), dtype=numpy.float32)
-        runtime, kernel = _kernel("scale_rows", x.dtype)
+        factor = g  # read as g[row * stride]: any C-contiguous f32 array (the usual 0-d upstream of 1 as it is)
+        if g.dtype != numpy.float32 or not g.flags.c_contiguous:
+            factor = xp.ascontiguousarray(g.reshape(-1), dtype=numpy.float32)
+        runtime, kernel = _kernel_for(x, "scale_rows", x.dtype)
         blocks = x.shape[0] if per_row else min(x.shape[0], SCALE_BLOCKS)
         runtime.launch(kernel, _grid(blocks), (SCALE_THREADS,),
                        (x, factor, numpy.int64(x.shape[0]), numpy.int64(x.shape[1]), numpy.int64(1 if per_row else 0)))
@@ -230,6 +309,18 @@ def _reduce(rows, reduction, count, shape):
     if reduction == "mean":
         total = total / count if count else xp.zeros((), rows.dtype)
     return xp.asarray(total, dtype=rows.dtype)
+
+
+def _reduce_on_device(rows, reduction, counts, shape):
+    """_reduce on the GPU path, with the count still on the device (count_targets' ``counts``): reduce_loss sums
+    the rows (in double, in a fixed order) and for "mean" divides by counts[0] (0 when it is 0)."""
+    if reduction == "none":
+        return rows.reshape(shape)
+    out = backend.array_module(rows).empty((), dtype=numpy.float32)
+    runtime, kernel = _kernel_for(rows, "reduce_loss")
+    runtime.launch(kernel, (1,), (REDUCE_THREADS,),
+                   (rows, numpy.int64(rows.size), counts, numpy.int32(reduction == "mean"), out))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- argument checks
@@ -278,29 +369,79 @@ def _ignore_value(ignore_index):
     return int(ignore_index)
 
 
+def _flat_targets(array):
+    """Targets as the contiguous int64 [N] the kernels read: the array itself when it already is one."""
+    if array.ndim == 1 and array.dtype == numpy.int64 and array.flags.c_contiguous:
+        return array
+    return backend.array_module(array).ascontiguousarray(array.reshape(-1), dtype=numpy.int64)
+
+
+_SIDE = threading.local()  # per thread: device id -> the stream that copies target counts back
+
+
+def _side_stream(xp, device_id):
+    """A non-blocking stream of this thread for device_id: a copy there waits only for what it is told to."""
+    streams = _SIDE.__dict__.setdefault("streams", {})
+    stream = streams.get(device_id)
+    if stream is None:
+        stream = streams[device_id] = xp.cuda.Stream(non_blocking=True)
+    return stream
+
+
+class _TargetCheck:
+    """count_targets launched on the current stream; ``counts`` [2] (counted, out of range) stays on the device,
+    where the forward kernels launched after it read it, and ``result`` reads it back later.
+
+    On a GPU the read-back copy runs on a side stream that waits (through an event) for count_targets alone, not
+    for the kernels queued after it: the host waits a few microseconds, while the forward kernel runs."""
+
+    def __init__(self, flat, n_classes, ignore):
+        xp = backend.array_module(flat)
+        self.flat, self.n_classes, self.ignore = flat, n_classes, ignore
+        self.counts = xp.empty(2, dtype=numpy.uint64)
+        runtime, kernel = _kernel_for(flat, "count_targets")
+        runtime.launch(kernel, (1,), (COUNT_THREADS,), (flat, numpy.int64(flat.size), numpy.int64(n_classes),
+                                                         numpy.int64(ignore), self.counts))
+        self.done = None
+        if xp is not numpy:
+            self.done = xp.cuda.Event(block=False, disable_timing=True)
+            self.done.record()
+
+    def result(self, shape, name):
+        """The number of counted (not ignored) targets; IndexOutOfRangeError for any other outside [0, n_classes)."""
+        host = self.counts
+        if self.done is not None:
+            xp = backend.array_module(self.counts)
+            side = _side_stream(xp, self.counts.device.id)
+            side.wait_event(self.done)
+            host = xp.asnumpy(self.counts, stream=side)  # blocking: returns once the copy is done
+        count, n_bad = int(host[0]), int(host[1])
+        if n_bad:
+            _raise_out_of_range(self.flat, self.n_classes, self.ignore, n_bad, shape, name)
+        return count
+
+
 def _count_targets(flat, n_classes, ignore, shape, name):
     """The number of counted (not ignored) targets; IndexOutOfRangeError for any other outside [0, n_classes).
-
-    On the GPU one small kernel (count_targets) and one device-to-host copy: the host waits for them, so the fewer
-    launches before it the shorter the GPU's idle gap. The offending entry is looked up only when there is one."""
-    xp = backend.array_module(flat)
+    On the GPU count_targets and a 16-byte copy back, waited for at once (_TargetCheck)."""
     if _targets_on_gpu(flat):
-        out = xp.empty(2, dtype=numpy.uint64)
-        runtime, kernel = _kernel("count_targets")
-        runtime.launch(kernel, (1,), (COUNT_THREADS,), (flat, numpy.int64(flat.size), numpy.int64(n_classes),
-                                                         numpy.int64(ignore), out))
-        count, n_bad = (int(v) for v in backend.to_device(out, "cpu"))
-    else:
-        counted = flat != ignore
-        count, n_bad = int(counted.sum()), int((counted & ((flat < 0) | (flat >= n_classes))).sum())
+        return _TargetCheck(flat, n_classes, ignore).result(shape, name)
+    counted = flat != ignore
+    count, n_bad = int(counted.sum()), int((counted & ((flat < 0) | (flat >= n_classes))).sum())
     if n_bad:
-        bad = (flat != ignore) & ((flat < 0) | (flat >= n_classes))
-        first = int(xp.argmax(bad))
-        where = numpy.unravel_index(first, shape) if shape else ()
-        allowed = f"[0, {n_classes})" + ("" if ignore == _NO_IGNORE else f" or ignore_index={ignore}")
-        raise IndexOutOfRangeError(f"{name}: {n_bad} target(s) outside {allowed}; the first is {int(flat[first])} "
-                                   f"at position {tuple(int(i) for i in where)}")
+        _raise_out_of_range(flat, n_classes, ignore, n_bad, shape, name)
     return count
+
+
+def _raise_out_of_range(flat, n_classes, ignore, n_bad, shape, name):
+    """IndexOutOfRangeError naming the count and the first offending target (looked up only now)."""
+    xp = backend.array_module(flat)
+    bad = (flat != ignore) & ((flat < 0) | (flat >= n_classes))
+    first = int(xp.argmax(bad))
+    where = numpy.unravel_index(first, shape) if shape else ()
+    allowed = f"[0, {n_classes})" + ("" if ignore == _NO_IGNORE else f" or ignore_index={ignore}")
+    raise IndexOutOfRangeError(f"{name}: {n_bad} target(s) outside {allowed}; the first is {int(flat[first])} "
+                               f"at position {tuple(int(i) for i in where)}")
 
 
 # ----------------------------------------------------------------------------------------------- cross-entropy
@@ -309,15 +450,23 @@ class CrossEntropy(Function):
 
     def forward(self, logits, targets, target_shape=(), count=0, ignore_index=_NO_IGNORE, smoothing=0.0,
                 reduction="mean", need_grad=False, inplace=False):
+        """``count``: the number of counted targets, or a _TargetCheck whose count is still on the device (the
+        CUDA path: the kernel reads it there, and reduce_loss reduces the loss)."""
         xp = backend.array_module(logits)
         self.shape, self.reduction, self.done = logits.shape, reduction, False
-        x = xp.ascontiguousarray(logits.reshape(-1, logits.shape[-1]))  # a view of the logits when contiguous
-        scale = 1.0 / count if reduction == "mean" and count else 1.0
+        x = logits if logits.ndim == 2 else logits.reshape(-1, logits.shape[-1])  # a view when contiguous
+        if not x.flags.c_contiguous:
+            x = xp.ascontiguousarray(x)
         grad = None
         if need_grad:
             grad = x if inplace else xp.empty(x.shape, dtype=x.dtype)
-        loss, _, _ = _rows_forward(x, targets, ignore_index, smoothing, grad, scale)
         self.save(grad)
+        if isinstance(count, _TargetCheck):
+            loss = _rows_forward_kernel(x, targets, ignore_index, smoothing, grad, 1.0, check=count.counts,
+                                        per_count=reduction == "mean")[0]
+            return _reduce_on_device(loss, reduction, count.counts, target_shape)
+        scale = 1.0 / count if reduction == "mean" and count else 1.0
+        loss, _, _ = _rows_forward(x, targets, ignore_index, smoothing, grad, scale)
         return _reduce(loss, reduction, count, target_shape)
 
     def backward(self, g):
@@ -351,16 +500,23 @@ def stable_cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0
     ignore = _ignore_value(ignore_index)
     logits = _upcast(logits)
     # Read during this call only, so no copy when the targets already are contiguous int64 (the kernels need that).
-    flat = backend.array_module(target_array).ascontiguousarray(target_array.reshape(-1), dtype=numpy.int64)
-    count = _count_targets(flat, logits.shape[-1], ignore, target_array.shape, "stable_cross_entropy")
+    flat = _flat_targets(target_array)
     need_grad = autograd.is_grad_enabled() and logits.requires_grad
     if inplace_backward and need_grad and getattr(autograd._state, "region", None) is not None:
         # A checkpoint region recomputes this forward during backward, from the logits it would have overwritten.
         raise TesseraError("stable_cross_entropy(inplace_backward=True) inside a checkpoint region: the recomputed "
                            "forward would read logits already overwritten by the gradient")
-    return CrossEntropy.apply(logits, flat, target_shape=tuple(target_array.shape), count=count,
-                              ignore_index=ignore, smoothing=smoothing, reduction=reduction, need_grad=need_grad,
-                              inplace=bool(inplace_backward))
+    options = dict(target_shape=tuple(target_array.shape), ignore_index=ignore, smoothing=smoothing,
+                   reduction=reduction, need_grad=need_grad, inplace=bool(inplace_backward))
+    if _use_kernel(logits.data) and _targets_on_gpu(flat):
+        # count_targets, then the forward kernel (which reads the count, and writes nothing if a target is out of
+        # range), then the wait for the count: the host's wait overlaps the kernel.
+        check = _TargetCheck(flat, logits.shape[-1], ignore)
+        loss = CrossEntropy.apply(logits, flat, count=check, **options)
+        check.result(target_array.shape, "stable_cross_entropy")
+        return loss
+    count = _count_targets(flat, logits.shape[-1], ignore, target_array.shape, "stable_cross_entropy")
+    return CrossEntropy.apply(logits, flat, count=count, **options)
 
 
 def softmax_cross_entropy(logits, targets, reduction="mean"):
@@ -620,7 +776,7 @@ def _default_chunk(budget, other, itemsize, size):
 
 
 def fused_linear_cross_entropy(hidden, weight, targets, bias=None, ignore_index=-100, label_smoothing=0.0,
-                               reduction="mean", chunk_size=None, vocab_chunk_size=None):
+                               reduction="mean", chunk_size=None):
     """``stable_cross_entropy(hidden @ weight.T + bias, targets, ...)`` without materialising the logits.
 
     hidden [..., D], weight [V, D] (the LM-head layout), bias [V] or None, targets [...] (hidden's shape without D).
@@ -635,8 +791,6 @@ def fused_linear_cross_entropy(hidden, weight, targets, bias=None, ignore_index=
     so for bf16/f16 weights it is rounded once per chunk: ceil(N / chunk_size) times rather than once (an f32
     accumulator would cost 2 x V x D bytes more). The bias gradient is summed in f32 and rounded once.
 
-    ``vocab_chunk_size`` is accepted (and checked) for compatibility and no longer used: the weight gradient used
-    to come from a second sweep over vocabulary slices that recomputed the logits.
     Same arguments and loss dtype as ``stable_cross_entropy``; the loss back-propagates once.
     """
     hidden = _float_input(hidden, "hidden")
@@ -663,15 +817,14 @@ def fused_linear_cross_entropy(hidden, weight, targets, bias=None, ignore_index=
     _check_reduction(reduction)
     smoothing = _check_smoothing(label_smoothing)
     ignore = _ignore_value(ignore_index)
-    for name, size in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
-        if size is not None and (not isinstance(size, (int, numpy.integer)) or size < 1):
-            raise TesseraError(f"{name} must be a positive int or None, got {size!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, (int, numpy.integer)) or chunk_size < 1):
+        raise TesseraError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     hidden, weight = _upcast(hidden), _upcast(weight)
     bias = _upcast(bias) if bias is not None else None
     n, vocab = int(numpy.prod(hidden.shape[:-1], dtype=numpy.int64)), weight.shape[0]
     itemsize = hidden.dtype.itemsize
     rows = int(chunk_size) if chunk_size else _default_chunk(CHUNK_BYTES, vocab, itemsize, n)
-    flat = target_array.reshape(-1).astype(numpy.int64)
+    flat = target_array.reshape(-1).astype(numpy.int64)  # a copy: the "none" backward reads it again
     count = _count_targets(flat, vocab, ignore, target_array.shape, "fused_linear_cross_entropy")
     grad_on = autograd.is_grad_enabled()
     need = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (hidden, weight, bias))

@@ -396,13 +396,12 @@ def linear_ce64(h, w, b, t, ignore, eps, reduction, upstream=None):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_fused_linear_cross_entropy_matches_unfused_definition(rng, reduction, with_bias):
-    n_b, n_s, d, v = 3, 13, 6, 29  # 39 rows in chunks of 8, 29 classes in slices of 7: no size divides
+    n_b, n_s, d, v = 3, 13, 6, 29  # 39 rows in chunks of 8: no size divides
     h = tc.tensor(rng.standard_normal((n_b, n_s, d)), dtype="f64", requires_grad=True)
     w = tc.tensor(rng.standard_normal((v, d)), dtype="f64", requires_grad=True)
     b = tc.tensor(rng.standard_normal(v), dtype="f64", requires_grad=True) if with_bias else None
     t = random_targets(rng, (n_b, n_s), v)
-    loss = L.fused_linear_cross_entropy(h, w, t, bias=b, label_smoothing=0.1, reduction=reduction, chunk_size=8,
-                                        vocab_chunk_size=7)
+    loss = L.fused_linear_cross_entropy(h, w, t, bias=b, label_smoothing=0.1, reduction=reduction, chunk_size=8)
     upstream = rng.standard_normal((n_b, n_s)) if reduction == "none" else None
     ref_loss, gh, gw, gb = linear_ce64(h.numpy(), w.numpy(), None if b is None else b.numpy(), t, -100, 0.1,
                                        reduction, upstream)
@@ -421,7 +420,7 @@ def test_fused_linear_cross_entropy_gradcheck(rng):
     t = numpy.array([0, 3, -100, 1, 2])
     for reduction in ("mean", "none"):
         assert gradcheck(lambda x, y, z: L.fused_linear_cross_entropy(x, y, t, bias=z, reduction=reduction,
-                                                                      chunk_size=2, vocab_chunk_size=3), [h, w, b])
+                                                                      chunk_size=2), [h, w, b])
 
 
 def test_fused_linear_cross_entropy_only_some_inputs_need_grad(rng):
@@ -454,6 +453,8 @@ def test_fused_linear_cross_entropy_all_ignored_and_errors(rng):
         L.fused_linear_cross_entropy(h, w, [0, 1, 2], bias=tc.zeros(4))
     with pytest.raises(TesseraError, match="chunk_size"):
         L.fused_linear_cross_entropy(h, w, [0, 1, 2], chunk_size=0)
+    with pytest.raises(TypeError, match="vocab_chunk_size"):  # removed: the weight gradient needs no vocabulary sweep
+        L.fused_linear_cross_entropy(h, w, [0, 1, 2], vocab_chunk_size=2)
 
 
 def _traced_peak(fn):
@@ -474,7 +475,7 @@ def test_fused_linear_cross_entropy_never_holds_the_whole_logits(rng):
     t = rng.integers(0, v, size=n)
 
     def fused():
-        L.fused_linear_cross_entropy(h, w, t, chunk_size=16, vocab_chunk_size=128).backward()
+        L.fused_linear_cross_entropy(h, w, t, chunk_size=16).backward()
 
     def unfused():
         L.stable_cross_entropy(h @ w.T, t).backward()
@@ -497,7 +498,7 @@ def _signatures():
     source = (SOURCE_DIR / "loss.cu").read_text()
     out = {}
     for name in ("cross_entropy_fwd", "cross_entropy_fwd_cluster", "cross_entropy_bwd", "scale_rows",
-                 "count_targets"):
+                 "count_targets", "reduce_loss"):
         params = re.search(rf"\b{name}\(([^)]*)\)\s*\{{", source).group(1)
         out[name] = []
         for p in params.split(","):
@@ -529,9 +530,9 @@ class KernelEmulator:
                 assert a.dtype == (dtype if base == "T" else _POINTEE[base]), f"{name} argument {i}: {a.dtype}"
             else:
                 assert type(a) is _SCALAR[base], f"{name} argument {i}: {type(a)} for {base}"
-        if name == "count_targets":  # one block
-            assert grid == (1,) and block == (L.COUNT_THREADS,)
-            return self.count_targets(*args)
+        if name in ("count_targets", "reduce_loss"):  # one block
+            assert grid == (1,) and block == ((L.COUNT_THREADS,) if name == "count_targets" else (L.REDUCE_THREADS,))
+            return getattr(self, name)(*args)
         rows = int(args[2 if name == "scale_rows" else 6])
         if name == "cross_entropy_fwd_cluster":  # a cluster of 1, 2, 4 or 8 blocks per row
             assert grid[0] // rows in (1, 2, 4, 8) and grid[0] % rows == 0 and block == (L.CLUSTER_THREADS,)
@@ -543,7 +544,11 @@ class KernelEmulator:
         getattr(self, name.replace("_cluster", ""))(*args)  # the cluster kernel computes the same results
 
     @staticmethod
-    def cross_entropy_fwd(x, t, loss, m, log_s, grad, n, v, ignore, eps, scale, write):
+    def cross_entropy_fwd(x, t, loss, m, log_s, grad, n, v, ignore, eps, scale, write, check, per_count):
+        if check[1]:  # a target out of range: nothing written
+            return
+        if per_count and check[0]:
+            scale = float(scale) / float(check[0])
         for r in range(int(n)):
             row = x[r].astype(numpy.float64)  # read before a gradient written over x
             if t[r] == ignore or not 0 <= t[r] < v:
@@ -580,9 +585,17 @@ class KernelEmulator:
 
     @staticmethod
     def scale_rows(x, g, n, cols, stride):
+        g = g.reshape(-1)
         for r in range(int(n)):
             if g[r * stride] != 1:
                 x[r] = x[r].astype(numpy.float64) * float(g[r * stride])
+
+    @staticmethod
+    def reduce_loss(loss, n, check, mean, out):
+        total = loss[:int(n)].astype(numpy.float64).sum()
+        if mean:
+            total = total / float(check[0]) if check[0] else 0.0
+        out[()] = numpy.nan if check[1] else total
 
 
 @pytest.fixture
@@ -597,7 +610,7 @@ def emulated_kernels(monkeypatch):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("cluster", [0, 2])
 def test_kernel_path_host_code_through_the_emulator(rng, emulated_kernels, monkeypatch, dtype, reduction, cluster):
-    monkeypatch.setattr(L, "_cluster_size", lambda x, grad: cluster)  # the forward kernel the host would pick
+    monkeypatch.setattr(L, "_cluster_shape", lambda x, grad: (cluster, 8 if cluster else 0))  # the host's pick
     x = rng.standard_normal((4, 5, 37))
     t = random_targets(rng, (4, 5), 37)
     logits = tc.tensor(x, dtype=dtype, requires_grad=True)
@@ -617,32 +630,38 @@ def test_kernel_path_host_code_through_the_emulator(rng, emulated_kernels, monke
 
 
 class _DeviceArrayStandIn:
-    """What _cluster_size reads of a CuPy array: shape, itemsize and the data pointer."""
+    """What _cluster_shape reads of a CuPy array: shape, itemsize and the data pointer."""
 
     def __init__(self, v, itemsize=2, ptr=0):
         self.shape, self.itemsize, self.data = (8192, v), itemsize, types.SimpleNamespace(ptr=ptr)
 
 
-def test_cluster_size_choice(monkeypatch):
+def test_cluster_shape_choice(monkeypatch):
     a = _DeviceArrayStandIn
 
-    def size(v, itemsize=2, ptr=0, grad_ptr=0):
-        return L._cluster_size(a(v, itemsize, ptr), a(v, itemsize, grad_ptr))
+    def shape(v, itemsize=2, ptr=0, grad_ptr=0):
+        return L._cluster_shape(a(v, itemsize, ptr), a(v, itemsize, grad_ptr))
 
     monkeypatch.setattr(L, "_has_clusters", lambda x: True)
-    assert size(128256) == 4     # 250.5 KiB of bf16: four blocks of 64 KiB
-    assert size(128256, 4) == 8  # the same in f32
-    assert size(262144) == 8     # 256k bf16: exactly eight blocks
-    assert size(262152) == 0     # one pack more than eight blocks hold: one block per row
-    assert size(131076, 4) == 0
-    assert size(50257) == 2
-    assert size(2048) == 0       # 4 KiB: under one pack per thread, the one-block kernel
-    assert size(2049) == 1
-    assert size(50257, grad_ptr=2) == 0  # a gradient buffer aligned unlike the logits
-    assert size(50257, ptr=2, grad_ptr=18) == 2
-    assert L._cluster_size(a(128256), None) == 0  # no gradient: the one-block kernel reads each row once anyway
+    assert shape(128256) == (8, 8)       # 250.5 KiB of bf16: eight blocks of 32 KiB (8 packs per thread)
+    assert shape(128256, 4) == (8, 16)   # the same in f32: eight of 8 packs do not hold it, eight of 16 do
+    assert shape(131072) == (8, 8)       # 128k bf16: exactly eight blocks of 8 packs
+    assert shape(131080) == (8, 16)      # one pack more
+    assert shape(262144) == (8, 16)      # 256k bf16: exactly eight blocks of 16 packs
+    assert shape(262152) == (0, 0)       # one pack more than eight blocks hold: one block per row
+    assert shape(131076, 4) == (0, 0)
+    assert shape(50257) == (4, 8)
+    assert shape(2048) == (0, 0)         # 4 KiB: under one pack per thread, the one-block kernel
+    assert shape(2049) == (1, 8)
+    assert shape(50257, grad_ptr=2) == (0, 0)  # a gradient buffer aligned unlike the logits
+    assert shape(50257, ptr=2, grad_ptr=18) == (4, 8)
+    assert L._cluster_shape(a(128256), None) == (0, 0)  # no gradient: the one-block kernel reads each row once
+    for packs, sizes in L.CLUSTER_SIZES.items():  # every pick is an instantiation loss.cu lists
+        source = (SOURCE_DIR / "loss.cu").read_text()
+        for size in sizes:
+            assert f"cross_entropy_fwd_cluster<__nv_bfloat16, {size}, {packs}>" in source
     monkeypatch.setattr(L, "_has_clusters", lambda x: False)
-    assert size(128256) == 0
+    assert shape(128256) == (0, 0)
     monkeypatch.undo()
     assert not L._has_clusters(numpy.zeros((2, 2), numpy.float32))
 
@@ -656,14 +675,49 @@ def test_target_check_kernel_through_the_emulator(emulated_kernels, monkeypatch)
         L.stable_cross_entropy(logits, [0, -100, 6, -7])
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("cluster", [0, 2])
+def test_count_on_the_device_through_the_emulator(rng, emulated_kernels, monkeypatch, reduction, cluster):
+    """The GPU path's order: count_targets, the forward kernel reading the count (the "mean" scale), reduce_loss,
+    and only then the host's read of the count; the backward launches only the scale kernel."""
+    monkeypatch.setattr(L, "_targets_on_gpu", lambda flat: True)
+    monkeypatch.setattr(L, "_cluster_shape", lambda x, grad: (cluster, 8 if cluster else 0))
+    x = rng.standard_normal((3, 4, 23))
+    t = random_targets(rng, (3, 4), 23)
+    logits = tc.tensor(x, dtype="f32", requires_grad=True)
+    loss = L.stable_cross_entropy(logits, t, label_smoothing=0.1, reduction=reduction)
+    rows, grad, keep = ce64(x.astype(numpy.float32), t, eps=0.1)
+    numpy.testing.assert_allclose(as64(loss), reduce64(rows, keep, reduction, (3, 4)), rtol=1e-6)
+    forward = "cross_entropy_fwd_cluster" if cluster else "cross_entropy_fwd"
+    assert emulated_kernels.launches == ["count_targets", forward] + (["reduce_loss"] if reduction != "none" else [])
+    loss.backward(tc.tensor(numpy.ones((3, 4)), dtype="f32") if reduction == "none" else None)
+    numpy.testing.assert_allclose(as64(logits.grad), (grad * grad_factor(keep, reduction)).reshape(x.shape),
+                                  rtol=1e-6, atol=1e-8)
+    assert emulated_kernels.launches[-1] == "scale_rows"
+    # All ignored: 0, not NaN, with the count read on the device.
+    none_counted = L.stable_cross_entropy(tc.tensor(x, dtype="f32"), numpy.full((3, 4), -100), reduction=reduction)
+    assert (as64(none_counted) == 0).all()
+
+
+def test_out_of_range_on_the_device_path_raises_after_a_launch_that_writes_nothing(rng, emulated_kernels,
+                                                                                   monkeypatch):
+    monkeypatch.setattr(L, "_targets_on_gpu", lambda flat: True)
+    x = rng.standard_normal((2, 3, 7)).astype(numpy.float32)
+    logits = tc.tensor(x, requires_grad=True)
+    t = numpy.array([[0, 1, -100], [3, 9, 6]])
+    with pytest.raises(IndexOutOfRangeError, match=r"9.*\(1, 1\)"):
+        L.stable_cross_entropy(logits, t, inplace_backward=True)
+    assert emulated_kernels.launches == ["count_targets", "cross_entropy_fwd", "reduce_loss"]  # launched first
+    assert (logits.numpy() == x).all()  # the in-place gradient was refused by the kernel itself
+
+
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_fused_linear_kernel_path_through_the_emulator(rng, emulated_kernels, reduction):
     h = tc.tensor(rng.standard_normal((11, 4)), dtype="f32", requires_grad=True)
     w = tc.tensor(rng.standard_normal((13, 4)), dtype="f32", requires_grad=True)
     b = tc.tensor(rng.standard_normal(13), dtype="f32", requires_grad=True)
     t = random_targets(rng, (11,), 13)
-    loss = L.fused_linear_cross_entropy(h, w, t, bias=b, label_smoothing=0.2, reduction=reduction, chunk_size=4,
-                                        vocab_chunk_size=5)
+    loss = L.fused_linear_cross_entropy(h, w, t, bias=b, label_smoothing=0.2, reduction=reduction, chunk_size=4)
     upstream = rng.standard_normal(11) if reduction == "none" else None
     ref_loss, gh, gw, gb = linear_ce64(h.numpy(), w.numpy(), b.numpy(), t, -100, 0.2, reduction, upstream)
     numpy.testing.assert_allclose(loss.numpy(), ref_loss, rtol=1e-5)
@@ -751,17 +805,17 @@ def test_gpu_forward_kernel_against_float64(rng, dtype, v, eps, offset, cluster)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
-@pytest.mark.parametrize("cluster", [1, 2, 4, 8])
+@pytest.mark.parametrize("cluster,packs", [(c, p) for p, sizes in L.CLUSTER_SIZES.items() for c in sizes])
 @pytest.mark.parametrize("v", [4097, 50257, 128256])
 @pytest.mark.parametrize("offset", [0, 1])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_gpu_cluster_kernel_against_float64(rng, dtype, cluster, v, offset, inplace):
+def test_gpu_cluster_kernel_against_float64(rng, dtype, cluster, packs, v, offset, inplace):
     """cross_entropy_fwd_cluster at every cluster size that holds the row (the larger ones leave blocks without
     packs), on rows off 16-byte alignment (offset=1: scalar head and tail), the gradient in place or in a
     NaN-poisoned buffer aligned like the logits; ignored rows, and targets out of range (the kernel's own guard)."""
     cupy = _cupy()
     itemsize = 4 if dtype == "f32" else 2
-    if v * itemsize // 16 > cluster * L.CLUSTER_THREADS * L.CLUSTER_PACKS:
+    if v * itemsize // 16 > cluster * L.CLUSTER_THREADS * packs:
         pytest.skip("the row is longer than this cluster holds")
     if not L._has_clusters(cupy.empty(1)):
         pytest.skip("thread-block clusters need compute capability 9.0")
@@ -777,7 +831,7 @@ def test_gpu_cluster_kernel_against_float64(rng, dtype, cluster, v, offset, inpl
         grad = _nan_filled(cupy, (n * v + offset,), logits.dtype)[offset:].reshape(n, v)
     out = tuple(_nan_filled(cupy, n, numpy.float32) for _ in range(3))
     loss, m, log_s = L._rows_forward_kernel(logits, cupy.asarray(t_host), -100, eps, grad, scale, out=out,
-                                            cluster=cluster)
+                                            cluster=cluster, packs=packs)
     loss, lse, got = cupy.asnumpy(loss), cupy.asnumpy(m + log_s), cupy.asnumpy(grad).astype(numpy.float64)
     good = slice(0, 7)
     x64 = x_host[good].astype(numpy.float64)
@@ -792,7 +846,8 @@ def test_gpu_cluster_kernel_against_float64(rng, dtype, cluster, v, offset, inpl
     assert (loss[2:4] == 0).all() and (got[2:4] == 0).all()
     assert numpy.isnan(loss[7:]).all() and numpy.isnan(got[7:]).all()
     if not inplace:  # the loss alone (no gradient written), forced onto the cluster kernel too: the same bits
-        alone = L._rows_forward_kernel(logits, cupy.asarray(t_host), -100, eps, None, scale, cluster=cluster)[0]
+        alone = L._rows_forward_kernel(logits, cupy.asarray(t_host), -100, eps, None, scale, cluster=cluster,
+                                       packs=packs)[0]
         assert (cupy.asnumpy(alone)[good] == loss[good]).all()
 
 
@@ -823,6 +878,44 @@ def test_gpu_stable_cross_entropy_public_path(rng, dtype, reduction, inplace):
                                atol=1e-5 * (1 + numpy.abs(rows).max()))
     ref_grad = (grad * scale).reshape(host.shape)
     assert_low_precision_close(results["cuda"][1], ref_grad, results["cpu"][1], atol=1e-6 * numpy.abs(ref_grad).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cluster", [None, 0])
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_gpu_forward_kernels_read_the_device_count(rng, cluster, dtype):
+    """``check`` as count_targets leaves it: with per_count the gradient is the one made with grad_scale = 1 / count
+    (bit for bit); with a target out of range nothing is written, not even in place."""
+    cupy = _cupy()
+    n, v = 9, 50257
+    logits = _device_logits(rng, (n, v), dtype).data
+    t_host = random_targets(rng, n, v)
+    t = cupy.asarray(t_host)
+    count = int((t_host != -100).sum())
+    want = _nan_filled(cupy, (n, v), logits.dtype)
+    want_loss = L._rows_forward_kernel(logits, t, -100, 0.1, want, 1.0 / count, cluster=cluster)[0]
+    got = _nan_filled(cupy, (n, v), logits.dtype)
+    check = cupy.asarray([count, 0], dtype=numpy.uint64)
+    got_loss = L._rows_forward_kernel(logits, t, -100, 0.1, got, 1.0, cluster=cluster, check=check, per_count=True)[0]
+    assert (cupy.asnumpy(got).view(numpy.uint8) == cupy.asnumpy(want).view(numpy.uint8)).all()
+    assert (cupy.asnumpy(got_loss) == cupy.asnumpy(want_loss)).all()
+    refused = _nan_filled(cupy, (n, v), logits.dtype)
+    out = tuple(_nan_filled(cupy, n, numpy.float32) for _ in range(3))
+    bad = cupy.asarray([count, 1], dtype=numpy.uint64)
+    L._rows_forward_kernel(logits, t, -100, 0.1, refused, 1.0, out=out, cluster=cluster, check=bad, per_count=True)
+    before = cupy.asnumpy(logits).view(numpy.uint8)
+    L._rows_forward_kernel(logits, t, -100, 0.1, logits, 1.0, cluster=cluster, check=bad)  # in place
+    assert numpy.isnan(cupy.asnumpy(refused).astype(numpy.float32)).all()
+    assert all(numpy.isnan(cupy.asnumpy(o)).all() for o in out)
+    assert (cupy.asnumpy(logits).view(numpy.uint8) == before).all()
+    total = cupy.empty((), numpy.float32)
+    runtime, kernel = L._kernel("reduce_loss")
+    for mean, c, expected in ((1, count, float(cupy.asnumpy(want_loss).astype(numpy.float64).sum()) / count),
+                              (0, count, float(cupy.asnumpy(want_loss).astype(numpy.float64).sum())), (1, 0, 0.0)):
+        runtime.launch(kernel, (1,), (L.REDUCE_THREADS,), (want_loss, numpy.int64(n),
+                                                           cupy.asarray([c, 0], dtype=numpy.uint64),
+                                                           numpy.int32(mean), total))
+        assert float(total) == pytest.approx(expected, rel=1e-6, abs=0.0 if c else 1e-30)
 
 
 @pytest.mark.gpu
@@ -904,6 +997,12 @@ def test_gpu_all_ignored_and_out_of_range(rng):
     assert (as64(logits.grad) == 0).all()
     with pytest.raises(IndexOutOfRangeError, match="1000"):
         L.stable_cross_entropy(logits.detach(), tc.tensor([0, 1, 1000, 2, 3, 4], device="cuda"))
+    # In place: the forward kernel is launched before the host reads the count, and must leave the logits intact.
+    before = cupy.asnumpy(logits.data).view(numpy.uint16).copy()
+    for bad in ([0, 1, 1000, 2, 3, 4], [-3, 1, 2, 3, 4, 5]):
+        with pytest.raises(IndexOutOfRangeError, match=str(bad[0] if bad[0] < 0 else 1000)):
+            L.stable_cross_entropy(logits, tc.tensor(bad, device="cuda"), inplace_backward=True)
+        assert (cupy.asnumpy(logits.data).view(numpy.uint16) == before).all()
     # The kernel's own guard, reached only by bypassing the host check: NaN, no out-of-bounds read.
     loss_rows, _, _ = L._rows_forward_kernel(logits.data, cupy.asarray([0, -5, 10 ** 9, -100, 1, 2]), -100, 0.0,
                                              None, 1.0)
@@ -950,8 +1049,7 @@ def test_gpu_fused_linear_cross_entropy_against_unfused(rng, reduction):
         targets = tc.tensor(t, device="cuda")
         if fused:
             _poison_pool(cupy, 64 << 20)
-            loss = L.fused_linear_cross_entropy(h, w, targets, bias=b, reduction=reduction, chunk_size=384,
-                                                vocab_chunk_size=1000)
+            loss = L.fused_linear_cross_entropy(h, w, targets, bias=b, reduction=reduction, chunk_size=384)
         else:
             loss = L.stable_cross_entropy(h @ w.T + b, targets, reduction=reduction)
         loss.backward(tc.tensor(upstream, device="cuda") if upstream is not None else None)
