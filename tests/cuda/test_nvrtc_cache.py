@@ -17,6 +17,19 @@ from tessera_cp.cuda import SOURCE_DIR, nvrtc_cache, runtime
 from tessera_cp.errors import CompileError
 
 gpu = pytest.mark.skipif(not cuda_available(), reason="needs a GPU and CuPy")
+
+
+def _cute_headers_found():
+    try:
+        nvrtc_cache.cute_options("sm_90a")
+        return True
+    except CompileError:
+        return False
+
+
+# The GPU machine may lack the CUTLASS/CCCL headers (they come with the cuda extras): its CuTe tests skip, saying so.
+needs_cute = pytest.mark.skipif(not _cute_headers_found(), reason="needs the CUTLASS/CuTe and CCCL headers "
+                                "(pip install nvidia-cutlass 'nvidia-cuda-cccl<13.2')")
 needs_nvrtc = pytest.mark.skipif(runtime.nvrtc() is None, reason="needs NVRTC (pip install nvidia-cuda-nvrtc)")
 
 REPO = Path(__file__).resolve().parents[2]
@@ -290,6 +303,7 @@ template <typename T> __global__ void cute_scale(T *x, int n, T factor) {
 
 @pytest.mark.gpu
 @gpu
+@needs_cute
 def test_a_cute_source_compiles_caches_loads_and_runs(monkeypatch, tmp_path):
     import cupy
     monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path))
@@ -310,6 +324,7 @@ def test_a_cute_source_compiles_caches_loads_and_runs(monkeypatch, tmp_path):
 
 @pytest.mark.gpu
 @gpu
+@needs_cute
 def test_get_cute_kernel_loads_the_proof_kernel_from_the_disk_cache(monkeypatch, tmp_path, caplog):
     def forget():  # as a new process would: only the disk cache is left
         for key in [k for k in runtime._modules if k[0] == "cute-file" and k[1] == "tma_copy.cu"]:
@@ -328,6 +343,7 @@ def test_get_cute_kernel_loads_the_proof_kernel_from_the_disk_cache(monkeypatch,
 
 @pytest.mark.gpu
 @gpu
+@needs_cute
 def test_an_unknown_cute_kernel_is_a_compile_error(monkeypatch, tmp_path):
     monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path))
     with pytest.raises(CompileError, match="cute_scale.cu"):

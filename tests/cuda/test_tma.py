@@ -8,10 +8,23 @@ import numpy
 import pytest
 
 from tessera_cp.backend import cuda_available
-from tessera_cp.cuda import runtime, tma
-from tessera_cp.errors import DTypeError, ShapeError, TesseraError
+from tessera_cp.cuda import nvrtc_cache, runtime, tma
+from tessera_cp.errors import CompileError, DTypeError, ShapeError, TesseraError
 
 gpu = pytest.mark.skipif(not cuda_available(), reason="needs a GPU and CuPy")
+
+
+def _cute_headers_found():
+    try:
+        nvrtc_cache.cute_options("sm_90a")
+        return True
+    except CompileError:
+        return False
+
+
+# The GPU machine may lack the CUTLASS/CCCL headers (they come with the cuda extras): its CuTe tests skip, saying so.
+needs_cute = pytest.mark.skipif(not _cute_headers_found(), reason="needs the CUTLASS/CuTe and CCCL headers "
+                                "(pip install nvidia-cutlass 'nvidia-cuda-cccl<13.2')")
 BF16 = numpy.dtype(ml_dtypes.bfloat16)
 ADDR = 0x7F0000000000  # any 16-byte aligned address: validation never dereferences it
 
@@ -131,6 +144,7 @@ def _check(cp, src, dst):
 
 @pytest.mark.gpu
 @gpu
+@needs_cute
 @pytest.mark.parametrize("rows, cols, box", [(1, 8, (64, 64)), (17, 24, (64, 64)), (1000, 1000, (64, 64)),
                                              (4097, 72, (64, 64)), (65, 136, (32, 128)), (3, 4104, (32, 128))])
 def test_tma_copy_matches_the_source_on_odd_shapes(rows, cols, box):
@@ -142,6 +156,7 @@ def test_tma_copy_matches_the_source_on_odd_shapes(rows, cols, box):
 
 @pytest.mark.gpu
 @gpu
+@needs_cute
 def test_tma_copy_of_a_padded_view_with_odd_columns():
     import cupy as cp
     base = cp.random.standard_normal((333, 48), dtype=cp.float32).astype(BF16)

@@ -6,7 +6,7 @@ import pytest
 
 from tessera_cp import backend
 from tessera_cp.errors import ShapeError
-from tessera_cp.functions.matmul import linear_rows
+from tessera_cp.functions.matmul import gemm, linear_rows
 
 
 def _operands(xp, dtype, m=33, k=70, n=19, seed=0):
@@ -47,11 +47,14 @@ def test_cublas_product_and_residual_on_the_gpu(dtype):
 
 
 @pytest.mark.gpu
-def test_columns_with_a_stride_are_refused():
+def test_operands_cublas_cannot_read_are_copied_and_a_strided_out_is_refused():
     cupy = pytest.importorskip("cupy")
-    x = cupy.zeros((4, 8), dtype=numpy.float32)
-    with pytest.raises(ShapeError, match="unit-stride rows"):
-        linear_rows(x[:, ::2], cupy.zeros((3, 4), dtype=numpy.float32))
+    rng = numpy.random.default_rng(2)
+    a, b = rng.standard_normal((6, 16)).astype(numpy.float32), rng.standard_normal((8, 5)).astype(numpy.float32)
+    got = gemm(cupy.asarray(a)[:, ::2], cupy.asarray(b))              # a column-strided operand: copied first
+    assert numpy.allclose(_f64(got), a[:, ::2].astype(numpy.float64) @ b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ShapeError, match="out needs unit-stride rows"):
+        gemm(cupy.asarray(a[:, :8]), cupy.asarray(b), out=cupy.zeros((6, 10), dtype=numpy.float32)[:, ::2])
 
 
 def test_mismatched_shapes_are_refused():
