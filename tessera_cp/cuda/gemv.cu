@@ -54,6 +54,7 @@
 #include <cuda_fp16.h>
 
 #include "mma_sm80.cuh"
+#include "pack.cuh"
 
 namespace tessera_gemv {
 
@@ -164,15 +165,6 @@ template <> __device__ __forceinline__ void pair_to_float<__half>(unsigned w, fl
     lo = f.x;
     hi = f.y;
 }
-template <typename XT> __device__ __forceinline__ unsigned float_to_pair(float lo, float hi);
-template <> __device__ __forceinline__ unsigned float_to_pair<__nv_bfloat16>(float lo, float hi) {
-    const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const unsigned *>(&p);
-}
-template <> __device__ __forceinline__ unsigned float_to_pair<__half>(float lo, float hi) {
-    const __half2 p = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const unsigned *>(&p);
-}
 
 template <typename XT> __device__ __forceinline__ void to_floats(const uint4 &v, float (&f)[8]) {
 #pragma unroll
@@ -183,10 +175,10 @@ template <typename XT> __device__ __forceinline__ void split_hi_lo(const float (
     unsigned h[4], l[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        h[i] = float_to_pair<XT>(f[2 * i], f[2 * i + 1]);
+        h[i] = tessera::float2_to_bits<XT>(f[2 * i], f[2 * i + 1]);
         float a, b;
         pair_to_float<XT>(h[i], a, b);
-        l[i] = float_to_pair<XT>(f[2 * i] - a, f[2 * i + 1] - b);
+        l[i] = tessera::float2_to_bits<XT>(f[2 * i] - a, f[2 * i + 1] - b);
     }
     hi = make_uint4(h[0], h[1], h[2], h[3]);
     lo = make_uint4(l[0], l[1], l[2], l[3]);

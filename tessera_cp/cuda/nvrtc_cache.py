@@ -104,6 +104,15 @@ def find_cccl_include(cuda_inc, nvidia_dirs=None):
     return next((c for c in candidates if _is_cccl_include(c)), None)
 
 
+def headers_available():
+    """Whether the CUTLASS/CuTe, CUDA and CCCL headers a CuTe source needs are all found (see cute_options)."""
+    try:
+        cute_options("sm_90a")
+    except CompileError:
+        return False
+    return True
+
+
 def cute_options(arch, extra_dirs=(), cutlass_inc=None, cuda_inc=None, cccl_inc=None):
     """Every option a CuTe/CUTLASS source is compiled with, for ``arch`` (e.g. "sm_90a").
 

@@ -1,5 +1,5 @@
 // Packed 16-bit vectors: VEC elements of float, __half or __nv_bfloat16 held as 32-bit words, loaded and stored
-// as single aligned accesses, and the conversions they need. Shared by norm.cu and rope.cu.
+// as single aligned accesses, and the conversions they need. Shared by norm.cu, rope.cu and gemv.cu.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -276,8 +276,13 @@ def get_kernel(source_file, name, options=()):
 
     Modules are kept per (source_file, options, device); the file is read once per process.
     """
+    return _file_kernel(_kernel, "file", source_file, name, options)
+
+
+def _file_kernel(build, kind, source_file, name, options):
+    """``build`` (_kernel or _cute_kernel) for SOURCE_DIR/source_file, kept under (kind, file, options, device)."""
     options = tuple(options)
-    key = ("file", source_file, options, _cupy().cuda.Device().id)
+    key = (kind, source_file, options, _cupy().cuda.Device().id)
     path = SOURCE_DIR / source_file
 
     def read_code():
@@ -285,7 +290,7 @@ def get_kernel(source_file, name, options=()):
             raise CompileError(f"{source_file}: no such CUDA source in {SOURCE_DIR}")
         return path.read_text()
 
-    return _kernel(key, source_file, read_code, name, options, (path.parent,))
+    return build(key, source_file, read_code, name, options, (path.parent,))
 
 
 def compile_source(code, name, options=(), filename="<user>"):
@@ -336,16 +341,7 @@ def get_cute_kernel(source_file, name, options=()):
     (source_file, options, device). Template kernels listed in ``// tessera-instantiate:`` lines are compiled up
     front; another one rebuilds the module with it added. Launch the kernel with ``launch``.
     """
-    options = tuple(options)
-    key = ("cute-file", source_file, options, _cupy().cuda.Device().id)
-    path = SOURCE_DIR / source_file
-
-    def read_code():
-        if not path.is_file():
-            raise CompileError(f"{source_file}: no such CUDA source in {SOURCE_DIR}")
-        return path.read_text()
-
-    return _cute_kernel(key, source_file, read_code, name, options, (path.parent,))
+    return _file_kernel(_cute_kernel, "cute-file", source_file, name, options)
 
 
 def compile_cute_source(code, name, options=(), filename="<user>"):

@@ -18,18 +18,9 @@ from tessera_cp.errors import CompileError
 
 gpu = pytest.mark.skipif(not cuda_available(), reason="needs a GPU and CuPy")
 
-
-def _cute_headers_found():
-    try:
-        nvrtc_cache.cute_options("sm_90a")
-        return True
-    except CompileError:
-        return False
-
-
 # The GPU machine may lack the CUTLASS/CCCL headers (they come with the cuda extras): its CuTe tests skip, saying so.
-needs_cute = pytest.mark.skipif(not _cute_headers_found(), reason="needs the CUTLASS/CuTe and CCCL headers "
-                                "(pip install nvidia-cutlass 'nvidia-cuda-cccl<13.2')")
+needs_cute = pytest.mark.skipif(not nvrtc_cache.headers_available(), reason="needs the CUTLASS/CuTe and CCCL "
+                                "headers (pip install nvidia-cutlass 'nvidia-cuda-cccl<13.2')")
 needs_nvrtc = pytest.mark.skipif(runtime.nvrtc() is None, reason="needs NVRTC (pip install nvidia-cuda-nvrtc)")
 
 REPO = Path(__file__).resolve().parents[2]

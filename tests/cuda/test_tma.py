@@ -9,22 +9,13 @@ import pytest
 
 from tessera_cp.backend import cuda_available
 from tessera_cp.cuda import nvrtc_cache, runtime, tma
-from tessera_cp.errors import CompileError, DTypeError, ShapeError, TesseraError
+from tessera_cp.errors import DTypeError, ShapeError, TesseraError
 
 gpu = pytest.mark.skipif(not cuda_available(), reason="needs a GPU and CuPy")
 
-
-def _cute_headers_found():
-    try:
-        nvrtc_cache.cute_options("sm_90a")
-        return True
-    except CompileError:
-        return False
-
-
 # The GPU machine may lack the CUTLASS/CCCL headers (they come with the cuda extras): its CuTe tests skip, saying so.
-needs_cute = pytest.mark.skipif(not _cute_headers_found(), reason="needs the CUTLASS/CuTe and CCCL headers "
-                                "(pip install nvidia-cutlass 'nvidia-cuda-cccl<13.2')")
+needs_cute = pytest.mark.skipif(not nvrtc_cache.headers_available(), reason="needs the CUTLASS/CuTe and CCCL "
+                                "headers (pip install nvidia-cutlass 'nvidia-cuda-cccl<13.2')")
 BF16 = numpy.dtype(ml_dtypes.bfloat16)
 ADDR = 0x7F0000000000  # any 16-byte aligned address: validation never dereferences it
 
