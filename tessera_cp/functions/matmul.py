@@ -2,12 +2,12 @@
 
 CuPy cannot multiply bf16 arrays of rank 3 or more (cuBLAS batched GEMM has no bf16 there), so such products
 flatten the leading dimensions into one 2-D GEMM when the right operand is a matrix (the common x @ W case), and
-otherwise compute in f32 and cast back.
+otherwise compute in f32 and cast back. ``gemm`` / ``linear_rows`` make one cuBLAS call into a given output
+(cuda/cublas.py), adding into it when asked.
 """
-import numpy
-
 from .. import backend, dtypes
 from ..autograd import Function
+from ..cuda import cublas
 from ..errors import ShapeError
 
 
@@ -21,11 +21,7 @@ def matmul(a, b):
     return xp.matmul(a.astype(xp.float32), b.astype(xp.float32)).astype(a.dtype)
 
 
-# cuBLAS data types (cudaDataType) by storage dtype, and CUBLAS_COMPUTE_32F / CUBLAS_GEMM_DEFAULT.
-_CUDA_DATA_TYPE = {numpy.dtype(numpy.float32): 0, numpy.dtype(numpy.float16): 2, dtypes.bf16.storage: 14}
-_COMPUTE_32F, _GEMM_DEFAULT = 68, -1
-_OP_N, _OP_T, _POINTER_MODE_HOST = 0, 1, 0
-_ALPHA_BETA = (numpy.ones(1, numpy.float32), numpy.zeros(1, numpy.float32))  # host scalars cuBLAS reads
+_OP_N, _OP_T = cublas.OP_N, cublas.OP_T
 
 
 def _column_major(a):
@@ -59,7 +55,7 @@ def gemm(a, b, out=None, accumulate=False):
         out = xp.empty((M, N), dtype=a.dtype)
     if out.shape != (M, N):
         raise ShapeError(f"gemm: out must be [M, N] = [{M}, {N}], got {out.shape}")
-    if xp.__name__ != "cupy" or a.dtype not in _CUDA_DATA_TYPE or not a.dtype == b.dtype == out.dtype:
+    if xp.__name__ != "cupy" or a.dtype not in cublas.DATA_TYPES or not a.dtype == b.dtype == out.dtype:
         product = matmul(a, b)
         if accumulate:
             out += product
@@ -78,21 +74,8 @@ def gemm(a, b, out=None, accumulate=False):
     if layout_out is None or layout_out[0] != _OP_N:
         raise ShapeError(f"gemm: out needs unit-stride rows, got strides {out.strides}")
     (op_a, ld_a), (op_b, ld_b) = _column_major(a), _column_major(b)
-    from cupy.cuda import device
-    from cupy_backends.cuda.libs import cublas
-    handle = device.get_cublas_handle()
-    cublas.setStream(handle, xp.cuda.get_current_stream().ptr)
-    mode = cublas.getPointerMode(handle)
-    if mode != _POINTER_MODE_HOST:
-        cublas.setPointerMode(handle, _POINTER_MODE_HOST)
-    kind = _CUDA_DATA_TYPE[a.dtype]
-    try:  # column-major, out^T [N, M] = b^T a^T: cuBLAS's first operand is b
-        cublas.gemmEx(handle, op_b, op_a, N, M, K, _ALPHA_BETA[0].ctypes.data, b.data.ptr, kind, ld_b,
-                      a.data.ptr, kind, ld_a, _ALPHA_BETA[0 if accumulate else 1].ctypes.data, out.data.ptr, kind,
-                      layout_out[1], _COMPUTE_32F, _GEMM_DEFAULT)
-    finally:
-        if mode != _POINTER_MODE_HOST:
-            cublas.setPointerMode(handle, mode)
+    # column-major, out^T [N, M] = b^T a^T: cuBLAS's first operand is b
+    cublas.gemm_ex(op_b, op_a, N, M, K, b, ld_b, a, ld_a, out, layout_out[1], accumulate)
     return out
 
 
