@@ -56,7 +56,8 @@ def _add(baselines, name, fn):
 @pytest.mark.gpu
 @pytest.mark.parametrize("size", [4096, 8192])
 def test_w8a8_casted_linear(cuda_bench, size):
-    """CastedLinear W8A8 forward (per-token quantization + int8 mma GEMM + fused epilogue), M = N = K = size.
+    """CastedLinear W8A8 forward (per-token quantization + int8 GEMM + epilogue; on Hopper with the CUTLASS headers
+    the sm90 GEMM and a separate epilogue kernel, else mma.sync with the fused epilogue), M = N = K = size.
     Operations: 2 * M * N * K. Against cuBLAS bf16 (torch.matmul) and torch._int_mm on int8 operands."""
     m = n = k = size
     layer = casted.CastedLinear(k, n, mode="w8a8", generator=tc.Generator(0)).cuda()
@@ -78,6 +79,43 @@ def test_w8a8_casted_linear(cuda_bench, size):
     w = layer.weight.data
     cuda_bench(f"int8 mma GEMM only (raw int32) {m}^3", lambda: casted.int8_matmul(q, w, gemm="mma", out=out),
                flops=2 * m * n * k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", [4096, 8192])
+def test_sm90_gemms(cuda_bench, size):
+    """gemm_sm90.cu (CUTLASS wgmma, Hopper only), M = N = K = size. Operations: 2 * M * N * K.
+    int8 -> int32 against torch._int_mm and the mma.sync kernel; fp8 e4m3 with per-tensor scales -> bf16 (scales
+    fused) against torch._scaled_mm and cuBLAS bf16."""
+    import cupy
+    if not casted.sm90_supported(cupy.zeros(1)):
+        pytest.skip("needs an sm_90 GPU and the CUTLASS headers")
+    m = n = k = size
+    a = tc.randint(-128, 128, (m, k), dtype=tc.int8, device="cuda").data
+    b = tc.randint(-128, 128, (n, k), dtype=tc.int8, device="cuda").data
+    out = tc.empty(m, n, dtype=tc.int32, device="cuda").data
+    fa = quant.quantize(tc.randn(m, k, device="cuda").data, dtypes.fp8_e4m3)[0]
+    fb = quant.quantize(tc.randn(n, k, device="cuda").data, dtypes.fp8_e4m3)[0]
+    one = cupy.ones((1,), dtype="float32")
+    obf = tc.empty(m, n, dtype=tc.bf16, device="cuda").data
+    int_baselines, fp8_baselines = {"int8 mma": lambda: casted.int8_matmul(a, b, gemm="mma", out=out)}, {}
+    try:
+        torch = _torch()
+        at, bt = torch.from_dlpack(a), torch.from_dlpack(b)
+        _add(int_baselines, "torch._int_mm", lambda: torch._int_mm(at, bt.t()))
+        f8a, f8b = torch.from_dlpack(fa).view(torch.float8_e4m3fn), torch.from_dlpack(fb).view(torch.float8_e4m3fn)
+        st = torch.ones((), device="cuda")
+        _add(fp8_baselines, "torch._scaled_mm", lambda: torch._scaled_mm(f8a, f8b.t(), st, st,
+                                                                           out_dtype=torch.bfloat16))
+        xb = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        wb = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
+        _add(fp8_baselines, "cuBLAS bf16", lambda: xb @ wb.T)
+    except pytest.skip.Exception:
+        pass
+    cuda_bench(f"int8 sm90 GEMM (raw int32) {m}^3", lambda: casted.int8_matmul(a, b, gemm="sm90", out=out),
+               flops=2 * m * n * k, baselines=int_baselines)
+    cuda_bench(f"fp8 e4m3 sm90 GEMM -> bf16 {m}^3", lambda: casted.fp8_matmul(fa, fb, one, one, out=obf),
+               flops=2 * m * n * k, baselines=fp8_baselines)
 
 
 @pytest.mark.gpu

@@ -13,7 +13,11 @@
   NumPy (or CuPy with ``TESSERA_REFERENCE=1``): W8A8 bit for bit (quantization, int32 sums, epilogue order),
   weight-only up to the order of the float32 sums. The backward gives x (straight-through the activation
   quantization) and the bias their gradients; the weights are frozen buffers.
-* ``int8_matmul(a, b)`` is the raw GEMM: a @ b.T in exact int32 (what the tests compare bit for bit).
+* ``int8_matmul(a, b)`` is the raw GEMM: a @ b.T in exact int32 (what the tests compare bit for bit). On Hopper
+  (sm_90) with the CUTLASS headers both it and W8A8 take ``gemm="sm90"`` (``cuda/gemm_sm90.cu``: CUTLASS's TMA
+  warp-specialized wgmma GEMM writing int32 sums, then one epilogue kernel with the same rule).
+* ``fp8_matmul(a, b, a_scale, b_scale)``: e4m3 x e4m3 GEMM with f32 accumulation and float32 scales (per tensor,
+  row or column), on Hopper through ``gemm_sm90.cu``.
 * ``CastedEmbedding``: rows stored in fp8 e4m3 / e5m2, int8 (absmax scale per row, or one per table) or bf16;
   the forward is one gather-and-dequantize kernel: out = T((decode(q) * scale) * scale_factor).
 * ``CastedSparseEmbedding``: each row cut into blocks of ``block_size``; only kept blocks are stored (block CSR:
@@ -48,7 +52,13 @@ GEMV_BLOCKS_PER_SM = 1.5                           # split K until the grid has 
 GATHER_THREADS = 128                               # embedding gathers (cuda/quant.cu)
 MAX_GRID_Y = 65535
 LINEAR_MODES = ("auto", "w8a8", "weight_only")
-GEMMS = ("auto", "mma", "dp4a")
+GEMMS = ("auto", "mma", "dp4a", "sm90")
+# gemm_sm90.cu (CUTLASS wgmma GEMMs, sm_90 only): both operands' TMA box is 128 rows x 128 bytes of K with the
+# 128-byte swizzle, over a rank-3 (L=1, rows, K) view: what CuTe derives for the 128x256x128 tile, cluster 2x1
+# (B's 256 rows halved by the multicast). Params live in a global buffer the setup kernel fills.
+SM90_BOX_ROWS, SM90_BOX_K = 128, 128
+SM90_PARAMS_BYTES, SM90_INFO_INTS = 2048, 6
+EPILOGUE_THREADS = 256
 STORAGE_DTYPES = (dtypes.fp8_e4m3, dtypes.fp8_e5m2, dtypes.int8, dtypes.bf16)
 COMPUTE_DTYPES = (dtypes.bf16, dtypes.f16, dtypes.f32)
 
@@ -145,15 +155,90 @@ def _int8_matmul_reference(a, b):
 _compute_capability = {}
 
 
-def _default_gemm(array):
-    """'mma' on GPUs with int8 tensor cores (sm_80 and later), else 'dp4a'."""
+_cutlass_found = []
+
+
+def sm90_supported(array):
+    """True on an sm_90 GPU (Hopper: wgmma) with the CUTLASS headers installed (pip nvidia-cutlass)."""
     xp = backend.array_module(array)
     if not hasattr(xp, "cuda"):
-        return "mma"
+        return False
     device = xp.cuda.Device()
     if device.id not in _compute_capability:
         _compute_capability[device.id] = int(device.compute_capability)
-    return "mma" if _compute_capability[device.id] >= 80 else "dp4a"
+    if _compute_capability[device.id] // 10 != 9:
+        return False
+    if not _cutlass_found:
+        from ..cuda import nvrtc_cache
+        _cutlass_found.append(nvrtc_cache.find_cutlass_include() is not None)
+    return _cutlass_found[0]
+
+
+def _default_gemm(array):
+    """'sm90' on Hopper with the CUTLASS headers, 'mma' on other GPUs with int8 tensor cores (sm_80 and later),
+    else 'dp4a'."""
+    xp = backend.array_module(array)
+    if not hasattr(xp, "cuda"):
+        return "mma"
+    if sm90_supported(array):
+        return "sm90"
+    return "mma" if _compute_capability[xp.cuda.Device().id] >= 80 else "dp4a"
+
+
+_sm90_plans = {}   # (config, M, N, K, SMs, device) -> (grid, block, shared bytes), read back once per shape
+
+
+def _sm90_gemm(config, a, b, m, n, d, a_scale=None, b_scale=None):
+    """d [M, N] = a [M, Kp] @ b [N, Kp].T by gemm_sm90_<config> (gemm_sm90.cu). a, b: int8 or fp8 bits (uint8),
+    C-contiguous, 16-byte aligned, Kp a multiple of 16 (``_pad_k``). a_scale / b_scale (one-element float32
+    arrays, read on the device) give alpha = a_scale * b_scale to the fused-alpha configs."""
+    runtime = _runtime()
+    from ..cuda import tma
+    xp = backend.array_module(a)
+    if not sm90_supported(a):
+        raise TesseraError("gemm='sm90' needs an sm_90 GPU and the CUTLASS headers (pip install nvidia-cutlass)")
+    if m == 0 or n == 0:
+        return d
+    k = a.shape[1]
+    setup = runtime.get_cute_kernel("gemm_sm90.cu", f"gemm_sm90_{config}_setup")
+    kernel = runtime.get_cute_kernel("gemm_sm90.cu", f"gemm_sm90_{config}")
+    # TMA moves bytes: CUTLASS encodes int8 and fp8 alike as UINT8.
+    ta = tma.encode_tiled(a.view(numpy.uint8).reshape(1, m, k), (1, SM90_BOX_ROWS, SM90_BOX_K), swizzle=128)
+    tb = tma.encode_tiled(b.view(numpy.uint8).reshape(1, n, k), (1, SM90_BOX_ROWS, SM90_BOX_K), swizzle=128)
+    sms = _sm_count(xp)
+    params = xp.empty((SM90_PARAMS_BYTES,), dtype=numpy.uint8)
+    info = xp.empty((SM90_INFO_INTS,), dtype=numpy.int32)
+    null = numpy.uint64(0)
+    runtime.launch(setup, 1, 32, (ta.param, tb.param, a, b, d, numpy.int32(m), numpy.int32(n), numpy.int32(k),
+                                  numpy.int32(sms), null if a_scale is None else a_scale,
+                                  null if b_scale is None else b_scale, params, info))
+    key = (config, m, n, k, sms, xp.cuda.Device().id)
+    plan = _sm90_plans.get(key)
+    if plan is None:  # one host sync per shape: the persistent grid CUTLASS's tile scheduler wants
+        g = [int(v) for v in info.get()]
+        if g[5] > SM90_PARAMS_BYTES:
+            raise TesseraError(f"gemm_sm90_{config}: Params take {g[5]} bytes, the buffer {SM90_PARAMS_BYTES}")
+        plan = _sm90_plans[key] = ((g[0], g[1], g[2]), g[3], g[4])
+    runtime.launch(kernel, plan[0], plan[1], (params,), shared_mem=plan[2])
+    return d
+
+
+def _scale_epilogue(acc, out, row_scale, col_scale, bias=None):
+    """out = OutT(((float)acc * row_scale[m]) * col_scale[n] + bias[n]) (sm90_scale_epilogue); a one-element
+    scale array applies to every row / column."""
+    runtime = _runtime()
+    xp = backend.array_module(acc)
+    m, n = acc.shape
+    if m == 0 or n == 0:
+        return out
+    name = f"sm90_scale_epilogue<{_CUDA_TYPE[numpy.dtype(acc.dtype)]}, {_CUDA_TYPE[numpy.dtype(out.dtype)]}>"
+    kernel = runtime.get_cute_kernel("gemm_sm90.cu", name)
+    groups = m * -(-n // 4)
+    runtime.launch(kernel, -(-groups // EPILOGUE_THREADS), EPILOGUE_THREADS,
+                   (acc, out, row_scale, numpy.int32(row_scale.size > 1), col_scale, numpy.int32(col_scale.size > 1),
+                    _dummy_f32(xp) if bias is None else bias, numpy.int32(bias is not None), numpy.int32(m),
+                    numpy.int32(n)))
+    return out
 
 
 def _w8a8_gemm_cuda(a, b, m, n, gemm, out, x_scale=None, w_scale=None, bias=None):
@@ -162,6 +247,11 @@ def _w8a8_gemm_cuda(a, b, m, n, gemm, out, x_scale=None, w_scale=None, bias=None
     xp = backend.array_module(a)
     if m == 0 or n == 0:
         return out
+    if gemm == "sm90":  # int32 sums by the CUTLASS GEMM, then the same epilogue rule in a second kernel
+        if out.dtype == numpy.int32:
+            return _sm90_gemm("s8", a, b, m, n, out)
+        acc = _sm90_gemm("s8", a, b, m, n, xp.empty((m, n), dtype=numpy.int32))
+        return _scale_epilogue(acc, out, x_scale, w_scale, bias)
     kernel = runtime.get_kernel("int8_gemm.cu", f"w8a8_gemm_{gemm}<{_CUDA_TYPE[numpy.dtype(out.dtype)]}>")
     xs, ws, bs = (_dummy_f32(xp) if v is None else v for v in (x_scale, w_scale, bias))
     tail = (numpy.int32(bias is not None), numpy.int32(m), numpy.int32(n), numpy.int32(a.shape[1]),
@@ -181,8 +271,9 @@ def _w8a8_gemm_cuda(a, b, m, n, gemm, out, x_scale=None, w_scale=None, bias=None
 def int8_matmul(a, b, gemm="auto", out=None):
     """a @ b.T with exact int32 sums (wrapping modulo 2^32 past 2^31): a [M, K] int8, b [N, K] int8 -> [M, N].
 
-    Tensors or arrays. On CuPy the tensor-core kernel (``gemm="mma"``) or the dp4a fallback (``gemm="dp4a"``)
-    runs; ``out`` (an int32 [M, N] C-contiguous array) lets tests hand in a poisoned buffer."""
+    Tensors or arrays. On CuPy the CUTLASS wgmma kernel (``gemm="sm90"``, the default on Hopper with the CUTLASS
+    headers), the mma.sync kernel (``gemm="mma"``) or the dp4a fallback (``gemm="dp4a"``) runs; ``out`` (an int32
+    [M, N] C-contiguous array) lets tests hand in a poisoned buffer."""
     a_arr, _, as_tensor = quant._unwrap(a, "a")
     b_arr, _, _ = quant._unwrap(b, "b")
     for name, arr in (("a", a_arr), ("b", b_arr)):
@@ -204,6 +295,87 @@ def int8_matmul(a, b, gemm="auto", out=None):
     else:
         result = _int8_matmul_reference(a_arr, b_arr)
     return quant._wrap(result, dtypes.int32, as_tensor)
+
+
+FP8_OUT_DTYPES = (dtypes.bf16, dtypes.f16, dtypes.f32)
+
+
+def _fp8_scale(scale, size, xp, what):
+    """None -> None; else a float32 array of 1 or ``size`` elements on xp."""
+    if scale is None:
+        return None
+    arr, _, _ = quant._unwrap(scale, what) if hasattr(scale, "shape") else (numpy.float32(scale), None, False)
+    arr = xp.asarray(arr, dtype=numpy.float32).reshape(-1)
+    if arr.size not in (1, size):
+        raise ShapeError(f"fp8_matmul: {what} must hold 1 or {size} float32 values, got {arr.size}")
+    return xp.ascontiguousarray(arr)
+
+
+def _fp8_matmul_reference(a, b, a_scale, b_scale, out_dtype):
+    """The decoded operands' product in float64, scaled in float64, rounded to float32, then the cast."""
+    xp = backend.array_module(a, b)
+    acc = xp.matmul(fp8.decode(a, dtypes.fp8_e4m3, dtypes.f32).astype(numpy.float64),
+                    fp8.decode(b, dtypes.fp8_e4m3, dtypes.f32).astype(numpy.float64).T)
+    if a_scale is not None:
+        acc = acc * a_scale.astype(numpy.float64)[:, None] if a_scale.size > 1 else acc * float(a_scale[0])
+    if b_scale is not None:
+        acc = acc * b_scale.astype(numpy.float64)[None, :] if b_scale.size > 1 else acc * float(b_scale[0])
+    return acc.astype(numpy.float32).astype(out_dtype.storage)
+
+
+def fp8_matmul(a, b, a_scale=None, b_scale=None, out_dtype=dtypes.bf16, out=None):
+    """(a @ b.T) * a_scale * b_scale for fp8 e4m3 operands: a [M, K] and b [N, K] hold e4m3 bits (uint8), the
+    scales are float32 (None: 1; one value: per tensor; M values for a: per row; N values for b: per column), the
+    result [M, N] in ``out_dtype`` (bf16, f16 or f32). Tensors or arrays.
+
+    On Hopper with the CUTLASS headers: a wgmma GEMM accumulating in f32 (CUTLASS promotes the tensor cores'
+    partial sums into f32 registers every 4 k-blocks); per-tensor scales and a bf16 / f32 result are fused into
+    its epilogue as alpha = a_scale * b_scale, other cases write f32 sums that sm90_scale_epilogue scales
+    (((float)acc * a_scale[m]) * b_scale[n]). Elsewhere: the float64 reference of the decoded operands."""
+    a_arr, _, as_tensor = quant._unwrap(a, "a")
+    b_arr, _, _ = quant._unwrap(b, "b")
+    for name, arr in (("a", a_arr), ("b", b_arr)):
+        if arr.dtype != numpy.uint8 or arr.ndim != 2:
+            raise DTypeError(f"fp8_matmul: {name} must be a 2-D uint8 array of e4m3 bits, got {arr.dtype} of "
+                             f"shape {arr.shape}")
+    if a_arr.shape[1] != b_arr.shape[1]:
+        raise ShapeError(f"fp8_matmul: a is [M, K] = {a_arr.shape} and b is [N, K] = {b_arr.shape}; K differs")
+    out_dtype = dtypes.as_dtype(out_dtype)
+    if out_dtype not in FP8_OUT_DTYPES:
+        raise DTypeError(f"fp8_matmul: out_dtype must be one of {[d.name for d in FP8_OUT_DTYPES]}, "
+                         f"got {out_dtype.name}")
+    m, n = a_arr.shape[0], b_arr.shape[0]
+    xp = backend.array_module(a_arr, b_arr)
+    sa, sb = _fp8_scale(a_scale, m, xp, "a_scale"), _fp8_scale(b_scale, n, xp, "b_scale")
+    if _use_kernel(a_arr, b_arr) and sm90_supported(a_arr):
+        if out is None:
+            out = xp.empty((m, n), dtype=out_dtype.storage)
+        elif out.dtype != out_dtype.storage or out.shape != (m, n) or not out.flags.c_contiguous:
+            raise ShapeError(f"fp8_matmul: out must be a C-contiguous {out_dtype.name} array of shape {(m, n)}")
+        ap, bp = _pad_k(a_arr), _pad_k(b_arr)
+        per_tensor = (sa is None or sa.size == 1) and (sb is None or sb.size == 1)
+        if per_tensor and out_dtype is not dtypes.f16:
+            one = _dummy_one(xp)
+            result = _sm90_gemm("e4m3_bf16" if out_dtype is dtypes.bf16 else "e4m3_f32", ap, bp, m, n, out,
+                                one if sa is None else sa, one if sb is None else sb)
+        else:
+            acc = _sm90_gemm("e4m3_f32", ap, bp, m, n, xp.empty((m, n), dtype=numpy.float32))
+            one = _dummy_one(xp)
+            result = _scale_epilogue(acc, out, one if sa is None else sa, one if sb is None else sb)
+    else:
+        result = _fp8_matmul_reference(a_arr, b_arr, sa, sb, out_dtype)
+    return quant._wrap(result, out_dtype, as_tensor)
+
+
+_ones = {}
+
+
+def _dummy_one(xp):
+    """A kept one-element float32 1.0 per device (the scale of an unscaled side)."""
+    key = xp.cuda.Device().id
+    if key not in _ones:
+        _ones[key] = xp.ones((1,), dtype=numpy.float32)
+    return _ones[key]
 
 
 # ------------------------------------------------------------------------------------------------------------
