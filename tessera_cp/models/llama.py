@@ -15,7 +15,6 @@ import dataclasses
 import importlib
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 
@@ -212,10 +211,13 @@ def _linear_into(x, linear, out=None, accumulate=False):
     return out
 
 
+_attention_ops = importlib.import_module("tessera_cp.nn.attention")  # the module (nn.attention is the function)
+
+
 def _attend_causal(q, k, v, scale):
     """Causal attention output [B, Hq, S, D] of raw arrays [B, H, S, D] (any strides): the kernel when it takes
     them, else the reference."""
-    attn = importlib.import_module("tessera_cp.nn.attention")
+    attn = _attention_ops
     if attn._kernel_ready(q, k, v, None, None, False):
         return attn._forward_kernel(q, k, v, None, None, scale, True)[0]
     return attn._forward_reference(q, k, v, None, None, scale, True, None)[0]
@@ -226,10 +228,8 @@ def _project(x, linear):
     dequantized to x's dtype and one cuBLAS GEMM (still weight-only: the activations are never quantized)."""
     if isinstance(linear, CastedLinear):
         rows = x.numel() // x.shape[-1]
-        if rows > WEIGHT_ONLY_MAX_M and x.device == "cuda" and os.environ.get("TESSERA_REFERENCE") != "1":
-            xp = backend.array_module(x.data)
-            w = (linear.weight.data.astype(xp.float32) * linear.weight_scale.data[:, None]).astype(x.dtype.storage)
-            out = x @ Tensor(w, x.dtype).T
+        if rows > WEIGHT_ONLY_MAX_M and x.device == "cuda" and not backend.reference_forced():
+            out = x @ Tensor(_dense_weight(linear, x.dtype.storage), x.dtype).T
             return out if linear.bias is None else out + linear.bias.astype(x.dtype)
         return linear(x)
     return linear(x)
