@@ -1,5 +1,7 @@
 """gemm / linear_rows: out (+)= a @ b by one cuBLAS call (the Llama prefill adds its residuals with it, the fused
 linear cross-entropy its weight gradient over chunks); the layouts handed to cuBLAS."""
+import ctypes
+
 import ml_dtypes
 import numpy
 import pytest
@@ -109,3 +111,39 @@ def test_gemm_accumulates_and_checks_shapes_on_the_cpu():
         gemm(a, a)
     with pytest.raises(ShapeError, match="out must be"):
         gemm(a, b, out=numpy.zeros((3, 5)))
+
+
+def test_gemm_ex_passes_cublas_its_problem_and_restores_the_pointer_mode(monkeypatch):
+    """cuda/cublas.gemm_ex against stand-ins for CuPy's modules (runs without a GPU): the GemmEx arguments in
+    cuBLAS's order, beta 1 only when accumulating, the current stream set, a device pointer mode put back."""
+    import sys
+    import types
+    from tessera_cp.cuda import cublas
+    calls = []
+    fake = types.SimpleNamespace(
+        setStream=lambda h, s: calls.append(("stream", h, s)),
+        getPointerMode=lambda h: 1,                                   # the handle was left in device mode
+        setPointerMode=lambda h, m: calls.append(("mode", h, m)),
+        gemmEx=lambda *args: calls.append(("gemm",) + args))
+    libs = types.ModuleType("cupy_backends.cuda.libs")
+    libs.cublas = fake
+    cuda = types.ModuleType("cupy.cuda")
+    cuda.device = types.SimpleNamespace(get_cublas_handle=lambda: 77)
+    cuda.get_current_stream = lambda: types.SimpleNamespace(ptr=1234)
+    for name, module in (("cupy_backends", types.ModuleType("cupy_backends")),
+                         ("cupy_backends.cuda", types.ModuleType("cupy_backends.cuda")),
+                         ("cupy_backends.cuda.libs", libs), ("cupy", types.ModuleType("cupy")), ("cupy.cuda", cuda)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+    def array(ptr):
+        return types.SimpleNamespace(dtype=numpy.dtype(ml_dtypes.bfloat16), data=types.SimpleNamespace(ptr=ptr))
+    for accumulate, beta in ((False, 0.0), (True, 1.0)):
+        calls.clear()
+        cublas.gemm_ex(cublas.OP_T, cublas.OP_N, 5, 6, 7, array(100), 8, array(200), 9, array(300), 10, accumulate)
+        assert calls[0] == ("stream", 77, 1234) and calls[1] == ("mode", 77, 0) and calls[-1] == ("mode", 77, 1)
+        g = calls[2]
+        assert g[1:7] == (77, cublas.OP_T, cublas.OP_N, 5, 6, 7)
+        assert g[8:11] == (100, 14, 8) and g[11:14] == (200, 14, 9) and g[15:18] == (300, 14, 10)
+        assert g[18:] == (68, -1)                                     # f32 compute, default algorithm
+        alpha, beta_read = (numpy.ctypeslib.as_array((ctypes.c_float * 1).from_address(g[i])) for i in (7, 14))
+        assert alpha[0] == 1.0 and beta_read[0] == beta
