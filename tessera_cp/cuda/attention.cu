@@ -64,8 +64,8 @@ using tessera::mma;
 using tessera::neg_inf;
 using tessera::smem_addr;
 
-constexpr float LOG2E = 1.4426950408889634f;
-constexpr float LN2 = 0.6931471805599453f;
+using tessera::LOG2E;
+using tessera::LN2;
 
 __device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
 

@@ -26,6 +26,10 @@ template <typename T> TESSERA_DEVICE float load_float(const T *p, long long i) {
 template <typename T> TESSERA_DEVICE void store_float(T *p, long long i, float v) { p[i] = from_float<T>(v); }
 
 TESSERA_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
+
+// exp(x) = exp2(x * LOG2E) and log(x) = log2(x) * LN2: the softmax kernels work in base 2 (ex2.approx).
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
 TESSERA_DEVICE long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
 
 // ---- reductions -------------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ constexpr int MAX_THREADS = 1024;
 constexpr int WARP = 32;
 constexpr int VEC_BYTES = 16;
 constexpr int LOADS_IN_FLIGHT = 4;  // packs each thread loads before using any: memory parallelism for pass 1
-constexpr float LOG2E = 1.4426950408889634f;
+using tessera::LOG2E;
 
 // cross_entropy_fwd_cluster: threads per block, and the 16-byte packs of registers each SM gives the rows it holds
 // (PACKS per thread x blocks per SM: 8 x 4 or 16 x 2, so 64 or 128 registers per thread). Measured on the H100

@@ -48,8 +48,8 @@ using tessera::mma;
 using tessera::neg_inf;
 using tessera::smem_addr;
 
-constexpr float LOG2E = 1.4426950408889634f;
-constexpr float LN2 = 0.6931471805599453f;
+using tessera::LOG2E;
+using tessera::LN2;
 constexpr int PAD = 8;              // elements of padding per shared row (16 bytes)
 constexpr int SPAD = 4;             // floats of padding per row of S
 constexpr int COMBINE_WARPS = 8;
