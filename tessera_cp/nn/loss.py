@@ -350,6 +350,16 @@ def _index_array(targets, device, name):
     return array
 
 
+def _check_ce_options(targets, scores, shape_name, reduction, label_smoothing, ignore_index):
+    """(target array, smoothing, ignore value) for a cross-entropy over ``scores`` [..., C]: targets of shape
+    scores.shape[:-1] on its device (``shape_name`` says so in the error), a valid reduction and smoothing."""
+    target_array = _index_array(targets, scores.device, "targets")
+    if tuple(target_array.shape) != scores.shape[:-1]:
+        raise ShapeError(f"targets must have {shape_name}, {scores.shape[:-1]}, got {tuple(target_array.shape)}")
+    _check_reduction(reduction)
+    return target_array, _check_smoothing(label_smoothing), _ignore_value(ignore_index)
+
+
 def _check_reduction(reduction):
     if reduction not in REDUCTIONS:
         raise TesseraError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -491,13 +501,8 @@ def stable_cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0
     logits = _float_input(logits, "logits")
     if logits.ndim < 1 or logits.shape[-1] < 1:
         raise ShapeError(f"logits must have a class axis of size >= 1 last, got shape {logits.shape}")
-    target_array = _index_array(targets, logits.device, "targets")
-    if tuple(target_array.shape) != logits.shape[:-1]:
-        raise ShapeError(f"targets must have the logits' shape without the class axis, {logits.shape[:-1]}, "
-                         f"got {tuple(target_array.shape)}")
-    _check_reduction(reduction)
-    smoothing = _check_smoothing(label_smoothing)
-    ignore = _ignore_value(ignore_index)
+    target_array, smoothing, ignore = _check_ce_options(targets, logits, "the logits' shape without the class axis",
+                                                        reduction, label_smoothing, ignore_index)
     logits = _upcast(logits)
     # Read during this call only, so no copy when the targets already are contiguous int64 (the kernels need that).
     flat = _flat_targets(target_array)
@@ -810,13 +815,8 @@ def fused_linear_cross_entropy(hidden, weight, targets, bias=None, ignore_index=
             raise DeviceError(f"{name} is on {t.device}, hidden on {hidden.device}")
         if t.dtype is not hidden.dtype:
             raise DTypeError(f"{name} must have hidden's dtype {hidden.dtype.name}, got {t.dtype.name}")
-    target_array = _index_array(targets, hidden.device, "targets")
-    if tuple(target_array.shape) != hidden.shape[:-1]:
-        raise ShapeError(f"targets must have hidden's shape without D, {hidden.shape[:-1]}, "
-                         f"got {tuple(target_array.shape)}")
-    _check_reduction(reduction)
-    smoothing = _check_smoothing(label_smoothing)
-    ignore = _ignore_value(ignore_index)
+    target_array, smoothing, ignore = _check_ce_options(targets, hidden, "hidden's shape without D", reduction,
+                                                        label_smoothing, ignore_index)
     if chunk_size is not None and (not isinstance(chunk_size, (int, numpy.integer)) or chunk_size < 1):
         raise TesseraError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     hidden, weight = _upcast(hidden), _upcast(weight)
