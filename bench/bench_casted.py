@@ -86,7 +86,7 @@ def test_w8a8_casted_linear(cuda_bench, size):
 def test_sm90_gemms(cuda_bench, size):
     """gemm_sm90.cu (CUTLASS wgmma, Hopper only), M = N = K = size. Operations: 2 * M * N * K.
     int8 -> int32 against torch._int_mm and the mma.sync kernel; fp8 e4m3 with per-tensor scales -> bf16 (scales
-    fused) against torch._scaled_mm and cuBLAS bf16."""
+    fused) against torch._scaled_mm and cuBLAS bf16, with and without fast accumulation."""
     import cupy
     if not casted.sm90_supported(cupy.zeros(1)):
         pytest.skip("needs an sm_90 GPU and the CUTLASS headers")
@@ -99,6 +99,7 @@ def test_sm90_gemms(cuda_bench, size):
     one = cupy.ones((1,), dtype="float32")
     obf = tc.empty(m, n, dtype=tc.bf16, device="cuda").data
     int_baselines, fp8_baselines = {"int8 mma": lambda: casted.int8_matmul(a, b, gemm="mma", out=out)}, {}
+    fast_baselines = {}
     try:
         torch = _torch()
         at, bt = torch.from_dlpack(a), torch.from_dlpack(b)
@@ -107,6 +108,8 @@ def test_sm90_gemms(cuda_bench, size):
         st = torch.ones((), device="cuda")
         _add(fp8_baselines, "torch._scaled_mm", lambda: torch._scaled_mm(f8a, f8b.t(), st, st,
                                                                            out_dtype=torch.bfloat16))
+        _add(fast_baselines, "torch._scaled_mm fast_accum",
+             lambda: torch._scaled_mm(f8a, f8b.t(), st, st, out_dtype=torch.bfloat16, use_fast_accum=True))
         xb = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
         wb = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
         _add(fp8_baselines, "cuBLAS bf16", lambda: xb @ wb.T)
@@ -116,6 +119,9 @@ def test_sm90_gemms(cuda_bench, size):
                flops=2 * m * n * k, baselines=int_baselines)
     cuda_bench(f"fp8 e4m3 sm90 GEMM -> bf16 {m}^3", lambda: casted.fp8_matmul(fa, fb, one, one, out=obf),
                flops=2 * m * n * k, baselines=fp8_baselines)
+    cuda_bench(f"fp8 e4m3 sm90 GEMM -> bf16 {m}^3, fast_accum",
+               lambda: casted.fp8_matmul(fa, fb, one, one, out=obf, fast_accum=True),
+               flops=2 * m * n * k, baselines=fast_baselines)
 
 
 @pytest.mark.gpu

@@ -1,16 +1,21 @@
 // gemm_sm90.cu: int8 and fp8 GEMMs on Hopper (wgmma, TMA, warp specialization) from CUTLASS 4.2's SM90 collectives,
 // launched by tessera_cp/nn/casted.py (int8_matmul and w8a8_linear with gemm="sm90", fp8_matmul). Every product is
 //   D[m, n] = sum_k A[m, k] * B[n, k]  (A [M, K], B [N, K], both K-contiguous: CUTLASS's "TN" layout),
-// D [M, N] row-major with leading dimension N. Tile 128 x 256 x 128 (bytes of K), cluster 2 x 1 (B multicast),
-// cooperative schedule (2 consumer warpgroups of 64 x 256), persistent tile scheduler.
+// D [M, N] row-major with leading dimension N. Cluster 2 x 1 (the B tile multicast to both CTAs), cooperative
+// schedule (2 consumer warpgroups, each half of the tile's rows), persistent tile scheduler.
 //   s8:        int8 x int8, exact int32 accumulation (wrapping like int32 arithmetic), int32 D: the raw sums, which
-//              casted.py's sm90_scale_epilogue launch turns into the W8A8 output
+//              casted.py's sm90_scale_epilogue launch turns into the W8A8 output. Tile 128 x 256 x 128.
 //   e4m3_bf16: fp8 e4m3 x e4m3, f32 accumulation (CUTLASS promotes the tensor cores' partial sums into f32
-//              registers every 4 k-blocks), D = bf16(alpha * acc) with alpha = a_scale[0] * b_scale[0] (fused)
+//              registers every 4 k-blocks), D = bf16(alpha * acc) with alpha = a_scale[0] * b_scale[0] (fused).
+//              Tile 128 x 128 x 128: the promotion keeps a second accumulator set, and at 128 x 256 the two
+//              (2 x 128 floats a thread) spill.
 //   e4m3_f32:  the same product with f32 D (fused alpha, or 1 and per-row / per-column scales in the epilogue kernel)
-// On the H100 (tune run 2026-11-25): s8 1122 TOP/s at 8192^3; the e4m3 kernels reach ~420 TFLOP/s and spill
-// (168 registers, 240 bytes of local memory a thread; likely the promotion's second 64 x 256 accumulator set):
-// their tile (e.g. 128 x 128, or the FP8FastAccum schedule) is still to be tuned.
+//   e4m3_bf16_fast, e4m3_f32_fast: the same without the promotion (CUTLASS's FP8FastAccum schedule, torch's
+//              use_fast_accum): the tensor cores' own accumulation over all of K, faster and less exact. Tile
+//              128 x 256 x 128.
+// The launcher's TMA boxes follow the tiles: A 128 rows, B tile_n / 2 rows (the multicast halves), 128 bytes of K.
+// Built with -DNDEBUG (nvrtc_cache.CUTE_OPTIONS): CUTLASS's device asserts are calls, and a call inside the
+// mainloop serializes wgmma (ptxas C7510) and spills.
 //
 // Why two kernels per GEMM. The kernel (GemmUniversal + CollectiveBuilder mainloop + DefaultEpilogue, built without
 // the epilogue collective builder, which does not compile under NVRTC) takes a Params struct that CUTLASS builds on
@@ -28,6 +33,8 @@
 //
 // tessera-instantiate: gemm_sm90_s8_setup; gemm_sm90_s8; gemm_sm90_e4m3_bf16_setup; gemm_sm90_e4m3_bf16
 // tessera-instantiate: gemm_sm90_e4m3_f32_setup; gemm_sm90_e4m3_f32
+// tessera-instantiate: gemm_sm90_e4m3_bf16_fast_setup; gemm_sm90_e4m3_bf16_fast
+// tessera-instantiate: gemm_sm90_e4m3_f32_fast_setup; gemm_sm90_e4m3_f32_fast
 // tessera-instantiate: sm90_scale_epilogue<int, __nv_bfloat16>; sm90_scale_epilogue<int, __half>
 // tessera-instantiate: sm90_scale_epilogue<int, float>; sm90_scale_epilogue<float, __nv_bfloat16>
 // tessera-instantiate: sm90_scale_epilogue<float, __half>; sm90_scale_epilogue<float, float>
@@ -206,14 +213,20 @@ struct Gemm {
     }
 };
 
-using Tile = Shape<_128, _256, _128>;  // 128 bytes of K per stage: one 128-byte swizzle atom wide
-using Cluster = Shape<_2, _1, _1>;     // B tiles multicast to the 2 CTAs of a cluster
+// 128 bytes of K per stage: one 128-byte swizzle atom wide
+using Tile256 = Shape<_128, _256, _128>;
+using Tile128 = Shape<_128, _128, _128>;
+using Cluster = Shape<_2, _1, _1>;  // B tiles multicast to the 2 CTAs of a cluster
 using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+using CoopFastAccum = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum;
+using E4m3 = cutlass::float_e4m3_t;
 constexpr auto kNoScale = cutlass::epilogue::thread::ScaleType::Nothing;
 constexpr auto kAlpha = cutlass::epilogue::thread::ScaleType::OnlyAlphaScaling;
-using S8 = Gemm<int8_t, int32_t, int32_t, Tile, Cluster, Coop, kNoScale>;
-using E4m3Bf16 = Gemm<cutlass::float_e4m3_t, float, cutlass::bfloat16_t, Tile, Cluster, Coop, kAlpha>;
-using E4m3F32 = Gemm<cutlass::float_e4m3_t, float, float, Tile, Cluster, Coop, kAlpha>;
+using S8 = Gemm<int8_t, int32_t, int32_t, Tile256, Cluster, Coop, kNoScale>;
+using E4m3Bf16 = Gemm<E4m3, float, cutlass::bfloat16_t, Tile128, Cluster, Coop, kAlpha>;
+using E4m3F32 = Gemm<E4m3, float, float, Tile128, Cluster, Coop, kAlpha>;
+using E4m3Bf16Fast = Gemm<E4m3, float, cutlass::bfloat16_t, Tile256, Cluster, CoopFastAccum, kAlpha>;
+using E4m3F32Fast = Gemm<E4m3, float, float, Tile256, Cluster, CoopFastAccum, kAlpha>;
 }  // namespace tessera_sm90
 #define SM90_BODY(stmt) stmt
 #define SM90_THREADS tessera_sm90::S8::Kernel::MaxThreadsPerBlock
@@ -241,6 +254,8 @@ using E4m3F32 = Gemm<cutlass::float_e4m3_t, float, float, Tile, Cluster, Coop, k
 SM90_SETUP(gemm_sm90_s8, S8)
 SM90_SETUP(gemm_sm90_e4m3_bf16, E4m3Bf16)
 SM90_SETUP(gemm_sm90_e4m3_f32, E4m3F32)
+SM90_SETUP(gemm_sm90_e4m3_bf16_fast, E4m3Bf16Fast)
+SM90_SETUP(gemm_sm90_e4m3_f32_fast, E4m3F32Fast)
 
 // The epilogue after an int32 (s8) or f32 (e4m3_f32) GEMM, plain CUDA (any architecture):
 //   out[m, n] = OutT(((float)acc[m, n] * row_scale[m * rs]) * col_scale[n * cs] + bias[n])

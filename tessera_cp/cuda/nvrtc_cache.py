@@ -50,7 +50,10 @@ from . import runtime
 logger = logging.getLogger("tessera_cp.cuda")
 
 FORMAT = 1  # bump when the layout of the cache entries changes
-CUTE_OPTIONS = ("-default-device",)  # CuTe's constexpr helpers carry no __device__ of their own
+# -default-device: CuTe's constexpr helpers carry no __device__ of their own. -DNDEBUG, as CUTLASS's release
+# builds: its device asserts are calls to __assertfail, and a call in a wgmma mainloop serializes the wgmmas
+# (ptxas C7510) and costs registers.
+CUTE_OPTIONS = ("-default-device", "-DNDEBUG")
 _CUTE_INCLUDE_RE = re.compile(r'^\s*#\s*include\s*[<"](?:cute|cutlass)/', re.MULTILINE)
 
 

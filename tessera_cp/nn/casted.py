@@ -17,7 +17,7 @@
   (sm_90) with the CUTLASS headers both it and W8A8 take ``gemm="sm90"`` (``cuda/gemm_sm90.cu``: CUTLASS's TMA
   warp-specialized wgmma GEMM writing int32 sums, then one epilogue kernel with the same rule).
 * ``fp8_matmul(a, b, a_scale, b_scale)``: e4m3 x e4m3 GEMM with f32 accumulation and float32 scales (per tensor,
-  row or column), on Hopper through ``gemm_sm90.cu``.
+  row or column), on Hopper through ``gemm_sm90.cu`` (``fast_accum=True``: without CUTLASS's f32 promotion).
 * ``CastedEmbedding``: rows stored in fp8 e4m3 / e5m2, int8 (absmax scale per row, or one per table) or bf16;
   the forward is one gather-and-dequantize kernel: out = T((decode(q) * scale) * scale_factor).
 * ``CastedSparseEmbedding``: each row cut into blocks of ``block_size``; only kept blocks are stored (block CSR:
@@ -53,10 +53,11 @@ GATHER_THREADS = 128                               # embedding gathers (cuda/qua
 MAX_GRID_Y = 65535
 LINEAR_MODES = ("auto", "w8a8", "weight_only")
 GEMMS = ("auto", "mma", "dp4a", "sm90")
-# gemm_sm90.cu (CUTLASS wgmma GEMMs, sm_90 only): both operands' TMA box is 128 rows x 128 bytes of K with the
-# 128-byte swizzle, over a rank-3 (L=1, rows, K) view: what CuTe derives for the 128x256x128 tile, cluster 2x1
-# (B's 256 rows halved by the multicast). Params live in a global buffer the setup kernel fills.
-SM90_BOX_ROWS, SM90_BOX_K = 128, 128
+# gemm_sm90.cu (CUTLASS wgmma GEMMs, sm_90 only): the TMA boxes CuTe derives for each config's tile with the
+# cluster 2x1, over a rank-3 (L=1, rows, K) view with the 128-byte swizzle: A 128 rows, B tile_n / 2 rows (the
+# multicast halves), both 128 bytes of K. Params live in a global buffer the setup kernel fills.
+SM90_TILE_N = {"s8": 256, "e4m3_bf16": 128, "e4m3_f32": 128, "e4m3_bf16_fast": 256, "e4m3_f32_fast": 256}
+SM90_BOX_A_ROWS, SM90_BOX_K = 128, 128
 SM90_PARAMS_BYTES, SM90_INFO_INTS = 2048, 6
 EPILOGUE_THREADS = 256
 STORAGE_DTYPES = (dtypes.fp8_e4m3, dtypes.fp8_e5m2, dtypes.int8, dtypes.bf16)
@@ -203,8 +204,9 @@ def _sm90_gemm(config, a, b, m, n, d, a_scale=None, b_scale=None):
     setup = runtime.get_cute_kernel("gemm_sm90.cu", f"gemm_sm90_{config}_setup")
     kernel = runtime.get_cute_kernel("gemm_sm90.cu", f"gemm_sm90_{config}")
     # TMA moves bytes: CUTLASS encodes int8 and fp8 alike as UINT8.
-    ta = tma.encode_tiled(a.view(numpy.uint8).reshape(1, m, k), (1, SM90_BOX_ROWS, SM90_BOX_K), swizzle=128)
-    tb = tma.encode_tiled(b.view(numpy.uint8).reshape(1, n, k), (1, SM90_BOX_ROWS, SM90_BOX_K), swizzle=128)
+    ta = tma.encode_tiled(a.view(numpy.uint8).reshape(1, m, k), (1, SM90_BOX_A_ROWS, SM90_BOX_K), swizzle=128)
+    tb = tma.encode_tiled(b.view(numpy.uint8).reshape(1, n, k), (1, SM90_TILE_N[config] // 2, SM90_BOX_K),
+                          swizzle=128)
     sms = _sm_count(xp)
     params = xp.empty((SM90_PARAMS_BYTES,), dtype=numpy.uint8)
     info = xp.empty((SM90_INFO_INTS,), dtype=numpy.int32)
@@ -323,7 +325,7 @@ def _fp8_matmul_reference(a, b, a_scale, b_scale, out_dtype):
     return acc.astype(numpy.float32).astype(out_dtype.storage)
 
 
-def fp8_matmul(a, b, a_scale=None, b_scale=None, out_dtype=dtypes.bf16, out=None):
+def fp8_matmul(a, b, a_scale=None, b_scale=None, out_dtype=dtypes.bf16, out=None, fast_accum=False):
     """(a @ b.T) * a_scale * b_scale for fp8 e4m3 operands: a [M, K] and b [N, K] hold e4m3 bits (uint8), the
     scales are float32 (None: 1; one value: per tensor; M values for a: per row; N values for b: per column), the
     result [M, N] in ``out_dtype`` (bf16, f16 or f32). Tensors or arrays.
@@ -331,7 +333,9 @@ def fp8_matmul(a, b, a_scale=None, b_scale=None, out_dtype=dtypes.bf16, out=None
     On Hopper with the CUTLASS headers: a wgmma GEMM accumulating in f32 (CUTLASS promotes the tensor cores'
     partial sums into f32 registers every 4 k-blocks); per-tensor scales and a bf16 / f32 result are fused into
     its epilogue as alpha = a_scale * b_scale, other cases write f32 sums that sm90_scale_epilogue scales
-    (((float)acc * a_scale[m]) * b_scale[n]). Elsewhere: the float64 reference of the decoded operands."""
+    (((float)acc * a_scale[m]) * b_scale[n]). ``fast_accum=True`` (torch._scaled_mm's use_fast_accum) skips the
+    promotion: the tensor cores accumulate all of K themselves, with fewer bits kept at each addition; faster.
+    Elsewhere: the float64 reference of the decoded operands (``fast_accum`` changes nothing there)."""
     a_arr, _, as_tensor = quant._unwrap(a, "a")
     b_arr, _, _ = quant._unwrap(b, "b")
     for name, arr in (("a", a_arr), ("b", b_arr)):
@@ -354,13 +358,13 @@ def fp8_matmul(a, b, a_scale=None, b_scale=None, out_dtype=dtypes.bf16, out=None
             raise ShapeError(f"fp8_matmul: out must be a C-contiguous {out_dtype.name} array of shape {(m, n)}")
         ap, bp = _pad_k(a_arr), _pad_k(b_arr)
         per_tensor = (sa is None or sa.size == 1) and (sb is None or sb.size == 1)
+        fast = "_fast" if fast_accum else ""
+        one = _dummy_one(xp)
         if per_tensor and out_dtype is not dtypes.f16:
-            one = _dummy_one(xp)
-            result = _sm90_gemm("e4m3_bf16" if out_dtype is dtypes.bf16 else "e4m3_f32", ap, bp, m, n, out,
-                                one if sa is None else sa, one if sb is None else sb)
+            config = ("e4m3_bf16" if out_dtype is dtypes.bf16 else "e4m3_f32") + fast
+            result = _sm90_gemm(config, ap, bp, m, n, out, one if sa is None else sa, one if sb is None else sb)
         else:
-            acc = _sm90_gemm("e4m3_f32", ap, bp, m, n, xp.empty((m, n), dtype=numpy.float32))
-            one = _dummy_one(xp)
+            acc = _sm90_gemm("e4m3_f32" + fast, ap, bp, m, n, xp.empty((m, n), dtype=numpy.float32))
             result = _scale_epilogue(acc, out, one if sa is None else sa, one if sb is None else sb)
     else:
         result = _fp8_matmul_reference(a_arr, b_arr, sa, sb, out_dtype)

@@ -94,7 +94,7 @@ def test_cute_options_name_every_folder_in_order(tmp_path):
     cuda = _fake_cuda(tmp_path / "cuda")
     cccl = _fake_cccl(cuda / "cccl")
     opts = nvrtc_cache.cute_options("sm_90a", (tmp_path,), cutlass, cuda, cccl)
-    assert opts[:2] == ("-std=c++17", "-default-device") and opts[-1] == "-arch=sm_90a"
+    assert opts[:3] == ("-std=c++17", "-default-device", "-DNDEBUG") and opts[-1] == "-arch=sm_90a"
     assert [o for o in opts if o.startswith("-I")] == [f"-I{d}" for d in (tmp_path, SOURCE_DIR, cutlass, cuda, cccl)]
 
 
