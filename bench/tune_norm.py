@@ -195,8 +195,8 @@ def norm_section(torch):
     y = cp.full(x.shape, cp.nan, dtype=BF16)
     norm._launch_forward(x, w, EPS, out=y)
     ok, err = check(y, x, w, EPS)
-    kernel, grid, block, smem, scalars = norm._forward_launches[next(
-        k for k in norm._forward_launches if k[0] == (ROWS, D))]
+    kernel, grid, block, smem, scalars = norm._forward_launches._plans[next(
+        k for k in norm._forward_launches._plans if k[0] == (ROWS, D))]
     args = (x, w, y) + scalars
     log(f"norm.cu forward as launched: grid {grid} block {block} smem {smem} regs {kernel.num_regs}")
     _, _, max_grid, _ = norm._plan(cp, "rms_norm_fwd", x, w, D, (x, y))
@@ -225,7 +225,7 @@ def norm_section(torch):
     xs_small, ws_small = rand((8, D), BF16), rand(D, BF16)
     ys_small = cp.empty_like(xs_small)
     norm._launch_forward(xs_small, ws_small, EPS, out=ys_small)
-    ks, gs, bs, sm, sc = norm._forward_launches[next(k for k in norm._forward_launches if k[0] == (8, D))]
+    ks, gs, bs, sm, sc = norm._forward_launches._plans[next(k for k in norm._forward_launches._plans if k[0] == (8, D))]
     sargs = (xs_small, ws_small, ys_small) + sc
     Xs, Ws = tc.Tensor(xs_small), tc.Tensor(ws_small)
     txs, tws = torch.from_dlpack(xs_small), torch.from_dlpack(ws_small)

@@ -32,6 +32,23 @@ constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 TESSERA_DEVICE long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
 
+// ---- programmatic dependent launch (runtime.launch(..., pdl=True); sm_90 and later) -------------------------
+// A kernel launched with it may start while the kernel before it in the stream still runs: whatever it does
+// before pdl_wait() must read nothing that kernel writes and write nothing (e.g. only prefetch weights), and
+// pdl_wait() returns once that kernel has finished and its writes are visible. pdl_launch_dependents() lets the
+// next such kernel start once every block of this one has called it (or exited). Both are no-ops on a normal
+// launch and before sm_90.
+TESSERA_DEVICE void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+TESSERA_DEVICE void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // ---- reductions -------------------------------------------------------------------------------------------
 struct SumOp {
     TESSERA_DEVICE float operator()(float a, float b) const { return a + b; }

@@ -369,12 +369,13 @@ _PYTHON_SCALARS = {bool, int, float}  # by exact type: numpy.float64 subclasses 
 _launch_errors = []
 
 
-def launch(kernel, grid, block, args, shared_mem=0, stream=None):
+def launch(kernel, grid, block, args, shared_mem=0, stream=None, pdl=False):
     """Launch ``kernel`` on ``stream`` (the current one when None) with NumPy-scalar and CuPy-array ``args``.
 
     ``grid`` and ``block`` are ints or tuples of up to three ints. Above 48 KiB of dynamic shared memory the
     kernel's opt-in limit is raised to ``shared_mem`` first. CUDA errors raised at launch, and with
-    ``TESSERA_SYNC=1`` any error the kernel causes, become a TesseraError naming the kernel.
+    ``TESSERA_SYNC=1`` any error the kernel causes, become a TesseraError naming the kernel. ``pdl=True``: a
+    programmatic dependent launch (``pdl.py``; the kernel must call ``pdl_wait()``), on sm_90 and later only.
     """
     grid, block = _dims(grid, "grid"), _dims(block, "block")
     args = tuple(args)
@@ -389,7 +390,9 @@ def launch(kernel, grid, block, args, shared_mem=0, stream=None):
     try:
         if shared_mem > SMEM_DEFAULT_LIMIT:
             kernel.max_dynamic_shared_size_bytes = shared_mem
-        if stream is None:
+        if pdl:
+            _launch_pdl(kernel, grid, block, args, shared_mem, stream)
+        elif stream is None:
             kernel(grid, block, args, shared_mem=shared_mem)
         else:
             with stream:
@@ -398,6 +401,61 @@ def launch(kernel, grid, block, args, shared_mem=0, stream=None):
         if sync and sync_enabled(sync):
             (stream or _cupy().cuda.get_current_stream()).synchronize()
     except tuple(_launch_errors) as e:
+        raise TesseraError(f"kernel {_kernel_name(kernel)} failed (grid {grid}, block {block}, "
+                           f"shared_mem {shared_mem}): {e}") from e
+
+
+def _launch_pdl(kernel, grid, block, args, shared_mem, stream):
+    from . import pdl
+    pad = (1, 1)
+    stream = stream or _cupy().cuda.get_current_stream()
+    result, text = pdl.launch(kernel, (grid + pad)[:3], (block + pad)[:3], args, shared_mem, stream.ptr)
+    if result:
+        raise TesseraError(f"kernel {_kernel_name(kernel)}: cuLaunchKernelEx (programmatic dependent launch) "
+                           f"failed (grid {grid}, block {block}, shared_mem {shared_mem}): error {result} ({text})")
+
+
+class LaunchPlans:
+    """An op's launch settings kept per key: what its launcher derives from shapes, strides, dtypes, the pointers'
+    alignment and the device (kernel, grid, block, shared memory, scalar arguments), built once by ``build()``.
+    A repeated call then costs a dictionary look-up and CuPy's launch (``launch_planned``): on the H100's host a
+    Python launcher's own arithmetic took several times CuPy's ~9 us, and a caller that waits on each result sees
+    all of it. Cleared when ``kept`` plans are held (shapes that never repeat must not grow it forever)."""
+
+    def __init__(self, kept=1024):
+        self.kept = kept
+        self._plans = {}
+
+    def get(self, key, build):
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= self.kept:
+                self._plans.clear()
+            plan = self._plans[key] = build()
+        return plan
+
+    def __len__(self):
+        return len(self._plans)
+
+    def clear(self):
+        self._plans.clear()
+
+
+def launch_planned(kernel, grid, block, args, shared_mem=0):
+    """``launch`` on the current stream for a plan's launch: grid and block already tuples, the arguments' types
+    fixed when the plan was built (so not checked again), any dynamic shared memory above 48 KiB already opted in.
+    With ``TESSERA_SYNC`` it is ``launch`` itself."""
+    if os.environ.get("TESSERA_SYNC"):
+        launch(kernel, grid, block, args, shared_mem)
+        return
+    try:
+        kernel(grid, block, args, shared_mem=shared_mem)
+    except Exception as e:  # CuPy's CUDADriverError / CUDARuntimeError: the kernel's name added
+        if not _launch_errors:
+            cupy = _cupy()
+            _launch_errors.extend((cupy.cuda.driver.CUDADriverError, cupy.cuda.runtime.CUDARuntimeError))
+        if not isinstance(e, tuple(_launch_errors)):
+            raise
         raise TesseraError(f"kernel {_kernel_name(kernel)} failed (grid {grid}, block {block}, "
                            f"shared_mem {shared_mem}): {e}") from e
 

@@ -162,8 +162,7 @@ def _or_pointers(arrays):
     return bits
 
 
-_forward_launches = {}   # see _launch_forward
-FORWARD_LAUNCHES_KEPT = 1024
+_forward_launches = runtime.LaunchPlans()   # see _launch_forward
 # The forward's grid: up to FORWARD_WAVES waves of resident blocks, each block walking its rows grid-stride. With
 # one wave every block has the same row count and the slowest SM sets the time; with more, the later blocks go to
 # the SMs that finish first. 16384 x 4096 bf16 on the H100 (kernel alone, bench/tune_norm.py, one run): 1 wave
@@ -175,9 +174,7 @@ def _launch_forward(x, weight, eps, out=None):
     """y = rms_norm(x) by norm.cu; ``out`` (contiguous, x's shape and dtype) receives it when given.
 
     Everything but the arrays (kernel, grid, block, shared memory, the scalar arguments) is kept per (shape,
-    dtypes, eps, the pointers' alignment, device), and the kernel is called directly: a caller that waits on each
-    result sees the host's part of a call in full (on the H100's host CuPy's launch alone is about 9 us, against
-    a kernel of about 100 us at 16384 x 4096), so a repeated call adds only a dictionary look-up to CuPy's launch.
+    dtypes, eps, the pointers' alignment, device) in a runtime.LaunchPlans.
     """
     xp = backend.array_module(x)
     if not x.flags.c_contiguous:
@@ -187,23 +184,10 @@ def _launch_forward(x, weight, eps, out=None):
     y = xp.empty(x.shape, dtype=x.dtype) if out is None else out
     key = (x.shape, x.dtype, weight.dtype, eps, (x.data.ptr | y.data.ptr) & 15, weight.data.ptr & 31,
            xp.cuda.runtime.getDevice())
-    launch = _forward_launches.get(key)
-    if launch is None:
-        if len(_forward_launches) >= FORWARD_LAUNCHES_KEPT:
-            _forward_launches.clear()
-        launch = _forward_launches[key] = _forward_launch(xp, x, weight, eps, y)
-    if not launch:
-        return y
-    kernel, grid, block, smem, scalars = launch
-    args = (x, weight, y) + scalars
-    if os.environ.get("TESSERA_SYNC"):   # runtime.launch synchronizes and reports errors by kernel name
-        runtime.launch(kernel, grid, block, args, shared_mem=smem)
-        return y
-    try:   # runtime.launch's checks of the arguments' types were made once, by _forward_launch
-        kernel(grid, block, args, shared_mem=smem)
-    except (xp.cuda.driver.CUDADriverError, xp.cuda.runtime.CUDARuntimeError) as e:
-        raise TesseraError(f"kernel norm.cu:rms_norm_fwd failed (grid {grid}, block {block}, shared_mem {smem}): "
-                           f"{e}") from e
+    launch = _forward_launches.get(key, lambda: _forward_launch(xp, x, weight, eps, y))
+    if launch:
+        kernel, grid, block, smem, scalars = launch
+        runtime.launch_planned(kernel, grid, block, (x, weight, y) + scalars, smem)
     return y
 
 

@@ -19,10 +19,11 @@ import numpy
 
 from .. import backend, dtypes
 from ..autograd import Function, is_grad_enabled
+from ..cuda import runtime
 from ..errors import DeviceError, DTypeError, IndexOutOfRangeError, ShapeError, TesseraError
 from ..tensor import Tensor, tensor
 from .module import Buffer, Module
-from .norm import _as_tensor, _kernel_type, _launch, _use_kernel, _vector_width
+from .norm import _as_tensor, _kernel_type, _use_kernel, _vector_width
 
 BLOCK_THREADS = 256
 MAX_GRID = 2 ** 31 - 1
@@ -145,8 +146,27 @@ def _heads_and_strides(a, layout):
     return a.shape[1], (st[0], st[2], st[1])
 
 
+_rope_launches = runtime.LaunchPlans()   # see _launch_rope
+
+
 def _launch_rope(xs, outs, cos, sin, pos, layout, sign):
-    """Rotate the 4-D arrays ``xs`` (q, and k when two) into ``outs`` (which may be ``xs``) in one launch."""
+    """Rotate the 4-D arrays ``xs`` (q, and k when two) into ``outs`` (which may be ``xs``) in one launch. The
+    launch (kernel, grid, block, every scalar argument) is kept per shapes, strides, dtype, pointer alignment and
+    device in a runtime.LaunchPlans."""
+    q, qo = xs[0], outs[0]
+    k, ko = (xs[1], outs[1]) if len(xs) > 1 else (q, qo)
+    align = (q.data.ptr | qo.data.ptr | k.data.ptr | ko.data.ptr | cos.data.ptr | sin.data.ptr) & 15
+    key = (len(xs), q.shape, q.strides, qo.strides, k.shape, k.strides, ko.strides, q.dtype, cos.shape,
+           pos.shape, pos.strides, layout, sign, align, backend.array_module(q).cuda.runtime.getDevice())
+    plan = _rope_launches.get(key, lambda: _rope_launch(xs, outs, cos, sin, layout, pos, sign))
+    if plan:
+        kernel, grid, block, (s_q, s_qo, s_k, s_ko, s_rest) = plan
+        runtime.launch_planned(kernel, grid, block,
+                               (q, *s_q, qo, *s_qo, k, *s_k, ko, *s_ko, cos, sin, pos, *s_rest))
+
+
+def _rope_launch(xs, outs, cos, sin, layout, pos, sign):
+    """(kernel, grid, block, scalar arguments between the arrays) of _launch_rope; () when there is nothing to do."""
     q, qo = xs[0], outs[0]
     k, ko = (xs[1], outs[1]) if len(xs) > 1 else (q, qo)
     B, S = q.shape[0], (q.shape[1] if layout == "BSHD" else q.shape[2])
@@ -156,18 +176,18 @@ def _launch_rope(xs, outs, cos, sin, pos, layout, sign):
     hk, k_st = _heads_and_strides(k, layout) if len(xs) > 1 else (0, (0, 0, 0))
     _, ko_st = _heads_and_strides(ko, layout) if len(xs) > 1 else (0, (0, 0, 0))
     if B * S == 0 or hq + hk == 0 or half == 0:
-        return
+        return ()
     pos_sb = pos.strides[0] // pos.dtype.itemsize if pos.shape[0] > 1 else 0
     pos_ss = pos.strides[1] // pos.dtype.itemsize
     vec = _vector_width(q.dtype.itemsize, half, (q, qo, k, ko, cos, sin), q_st + qo_st + k_st + ko_st)
     lanes, block = _rope_tiling(half // vec, hq + hk)
     grid = min(-(-(B * S) // block[1]), MAX_GRID)
+    kernel = runtime.get_kernel("rope.cu", f"rope_apply<{_kernel_type(q.dtype)}, {vec}>")
     i64 = numpy.int64
-    _launch("rope.cu", f"rope_apply<{_kernel_type(q.dtype)}, {vec}>", grid, block,
-            (q, *map(i64, q_st), qo, *map(i64, qo_st), numpy.int32(hq),
-             k, *map(i64, k_st), ko, *map(i64, ko_st), numpy.int32(hk),
-             cos, sin, pos, i64(pos_sb), i64(pos_ss), i64(B), i64(S), numpy.int32(half), numpy.int32(lanes),
-             numpy.float32(sign)))
+    scalars = (tuple(map(i64, q_st)), tuple(map(i64, qo_st)) + (numpy.int32(hq),), tuple(map(i64, k_st)),
+               tuple(map(i64, ko_st)) + (numpy.int32(hk),),
+               (i64(pos_sb), i64(pos_ss), i64(B), i64(S), numpy.int32(half), numpy.int32(lanes), numpy.float32(sign)))
+    return kernel, (grid, 1, 1), (*block, 1), scalars
 
 
 def _rope_tiling(nv, heads):

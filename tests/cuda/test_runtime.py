@@ -139,6 +139,42 @@ def test_launch_checks_grid(grid):
         runtime.launch(object(), grid, 32, ())
 
 
+def test_launch_plans_build_once_per_key_and_clear_when_full():
+    plans = runtime.LaunchPlans(kept=3)
+    built = []
+
+    def build(key):
+        return lambda: built.append(key) or ("plan", key)
+
+    assert plans.get("a", build("a")) == ("plan", "a")
+    assert plans.get("a", build("a")) == ("plan", "a")
+    assert built == ["a"]
+    for key in "bc":
+        plans.get(key, build(key))
+    assert len(plans) == 3
+    plans.get("d", build("d"))      # full: cleared, then d kept
+    assert len(plans) == 1 and built == ["a", "b", "c", "d"]
+    plans.get("a", build("a"))
+    assert built[-1] == "a"
+
+
+def test_launch_planned_calls_the_kernel_with_its_arguments_as_given(monkeypatch):
+    monkeypatch.delenv("TESSERA_SYNC", raising=False)
+    calls = []
+
+    def kernel(grid, block, args, shared_mem=0):
+        calls.append((grid, block, args, shared_mem))
+    args = (None, numpy.int32(3))
+    runtime.launch_planned(kernel, (4, 1, 1), (128, 1, 1), args, 1024)
+    assert calls == [((4, 1, 1), (128, 1, 1), args, 1024)]
+
+
+def test_launch_planned_in_sync_mode_is_launch_with_its_checks(monkeypatch):
+    monkeypatch.setenv("TESSERA_SYNC", "1")
+    with pytest.raises(TesseraError, match="argument 1 .*NumPy scalar"):
+        runtime.launch_planned(object(), (1, 1, 1), (32, 1, 1), (None, 3))
+
+
 # ---- GPU ---------------------------------------------------------------------------------------------------
 
 AXPY = r"""

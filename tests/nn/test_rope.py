@@ -335,8 +335,8 @@ def test_gpu_kernel_rotates_q_and_k_in_one_launch(rng, monkeypatch, name, layout
     xs = [cp.asarray(q)] + ([cp.asarray(k)] if Hk else [])
     outs = [cp.full(x.shape, np.nan, dtype=storage) for x in xs]
     launches = []
-    real_launch = rope._launch
-    monkeypatch.setattr(rope, "_launch", lambda *a: (launches.append(a[1]), real_launch(*a)))
+    real_launch = rope.runtime.launch_planned
+    monkeypatch.setattr(rope.runtime, "launch_planned", lambda *a: (launches.append(a[0]), real_launch(*a)))
     rope._launch_rope(xs, outs, cos.data, sin.data, pos, layout, 1.0)
     assert len(launches) == 1
     for x, x_np, out in zip(xs, [q, k], outs):

@@ -1,0 +1,100 @@
+"""The TinyLlama-shaped batch-1 decode step (bench_llama.py's model and byte count) replayed from its CUDA graph,
+with the decode kernels launched plainly and programmatically (PDL, models/gemv.py), in one device call:
+greedy tokens of both must match, then each graph is timed in alternating rounds. Run from the repository root:
+``PYTHONPATH=. python3 bench/tune_decode.py``; prints a table last.
+
+Timings: "stream" = CUDA events around 20 back-to-back replays; "single" = events around one replay (as
+bench/conftest.py times it, with the 4-byte position reset before it); "host" = the Python time of one reset and
+replay. With ``--profile`` (under nsys) only the plain graph is built and replayed 20 times, for the kernel table.
+
+H100, 2026-11-25 (stream / single / host us): plain 1187.0 / 1353.8 / 44.7; programmatic 1150.6 / 1304.5 / 38.7;
+programmatic with gemv_rows prefetching its weights into L2 before pdl_wait() 1174.8 / 1350.4 / 47.8 (dropped).
+"""
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy
+
+import cupy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_llama as B  # noqa: E402  (the model shape, the byte count)
+
+import tessera_cp as tc  # noqa: E402
+from tessera_cp.models import LlamaConfig, LlamaForCausalLM, TextGenerator, gemv  # noqa: E402
+
+
+def timings(step, n=20, reps=9):
+    a, b = cupy.cuda.Event(), cupy.cuda.Event()
+    for _ in range(3):
+        step()
+    cupy.cuda.get_current_stream().synchronize()
+    stream, single = [], []
+    for _ in range(reps):
+        a.record()
+        for _ in range(n):
+            step()
+        b.record()
+        b.synchronize()
+        stream.append(cupy.cuda.get_elapsed_time(a, b) * 1e3 / n)
+        a.record()
+        step()
+        b.record()
+        b.synchronize()
+        single.append(cupy.cuda.get_elapsed_time(a, b) * 1e3)
+    return statistics.median(stream), statistics.median(single)
+
+
+def main():
+    config = LlamaConfig.from_dict(B.TINYLLAMA)
+    model = LlamaForCausalLM(config, device="cuda", generator=tc.Generator(0))
+    prompt = B._prompt(B.CONTEXT)
+    nbytes = B._weight_bytes(model) + B._kv_bytes(config, B.CONTEXT + 1)
+    steps, tokens = {}, {}
+    variants = (("plain launches", False),) if "--profile" in sys.argv else \
+        (("plain launches", False), ("programmatic (PDL)", True))
+    for name, pdl in variants:
+        gemv._PDL_DEVICES.clear()
+        gemv._PDL_DEVICES[cupy.cuda.runtime.getDevice()] = pdl
+        gen = TextGenerator(model, max_batch=1, max_context=B.CONTEXT + B.NEW + 64)
+        gen.generate(prompt, 8, stop_tokens=[])                  # compile, capture the graph
+        out = gen.generate(prompt, 32, stop_tokens=[])
+        assert out.used_graph
+        tokens[name] = out.tokens
+        state, graph = gen._states[1], gen._graphs[(1, True)][0]
+        start = cupy.asarray([B.CONTEXT], dtype=numpy.int32)
+
+        def step(state=state, graph=graph, start=start, stream=gen.stream):
+            state.pos[...] = start
+            graph.launch()
+        steps[name] = step
+        gen.stream.synchronize()
+    if "--profile" in sys.argv:
+        for _ in range(20):
+            steps["plain launches"]()
+        cupy.cuda.get_current_stream().synchronize()
+        return
+    first = next(iter(tokens.values()))
+    print("greedy tokens identical:", all(t == first for t in tokens.values()), flush=True)
+    rows = {name: ([], [], []) for name in steps}
+    for _ in range(3):
+        for name, step in steps.items():
+            st, si = timings(step)
+            rows[name][0].append(st)
+            rows[name][1].append(si)
+            cupy.cuda.get_current_stream().synchronize()
+            t = time.perf_counter()
+            step()
+            rows[name][2].append((time.perf_counter() - t) * 1e6)   # host time of the reset and the graph launch
+            cupy.cuda.get_current_stream().synchronize()
+    print(f"\n{'decode step, batch 1, context 512':36s} {'stream us':>10s} {'single us':>10s} {'host us':>8s} "
+          f"{'roofline':>9s}")
+    for name, (st, si, host) in rows.items():
+        st, si = min(st), min(si)
+        print(f"{name:36s} {st:10.1f} {si:10.1f} {min(host):8.1f} {nbytes / si / 1e3 / 3000:9.1%}")
+
+
+if __name__ == "__main__":
+    main()
