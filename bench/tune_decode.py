@@ -9,6 +9,10 @@ replay. With ``--profile`` (under nsys) only the plain graph is built and replay
 
 H100, 2026-11-25 (stream / single / host us): plain 1187.0 / 1353.8 / 44.7; programmatic 1150.6 / 1304.5 / 38.7;
 programmatic with gemv_rows prefetching its weights into L2 before pdl_wait() 1174.8 / 1350.4 / 47.8 (dropped).
+Tried and not kept (stream us, programmatic): the paged decode and its combine launched programmatically too,
+1150.2; the combine kernel replaced by a merge in the last split's block (a ticket per head group), 1199.8 with a
+warp per row and 1156.5 with the block over (row, column pair), while bench_paged's MLA decode went 166 -> 233 us.
+The single-replay figure moves by +-100 us between runs on the same machine; the stream figure within ~1%.
 """
 import statistics
 import sys
@@ -23,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_llama as B  # noqa: E402  (the model shape, the byte count)
 
 import tessera_cp as tc  # noqa: E402
-from tessera_cp.models import LlamaConfig, LlamaForCausalLM, TextGenerator, gemv  # noqa: E402
+from tessera_cp.cuda import runtime  # noqa: E402
+from tessera_cp.models import LlamaConfig, LlamaForCausalLM, TextGenerator  # noqa: E402
 
 
 def timings(step, n=20, reps=9):
@@ -56,8 +61,7 @@ def main():
     variants = (("plain launches", False),) if "--profile" in sys.argv else \
         (("plain launches", False), ("programmatic (PDL)", True))
     for name, pdl in variants:
-        gemv._PDL_DEVICES.clear()
-        gemv._PDL_DEVICES[cupy.cuda.runtime.getDevice()] = pdl
+        runtime._PDL_DEVICES[cupy.cuda.runtime.getDevice()] = pdl
         gen = TextGenerator(model, max_batch=1, max_context=B.CONTEXT + B.NEW + 64)
         gen.generate(prompt, 8, stop_tokens=[])                  # compile, capture the graph
         out = gen.generate(prompt, 32, stop_tokens=[])

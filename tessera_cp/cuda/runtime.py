@@ -405,6 +405,21 @@ def launch(kernel, grid, block, args, shared_mem=0, stream=None, pdl=False):
                            f"shared_mem {shared_mem}): {e}") from e
 
 
+_PDL_DEVICES = {}   # device id -> compute capability >= 9.0 and TESSERA_PDL is not "0"
+
+
+def pdl_while_capturing():
+    """Whether to launch a kernel that calls pdl_wait() programmatically (``launch(..., pdl=True)``): while the
+    current stream is captured into a CUDA graph (where the Python cost of such a launch is paid once) on a GPU
+    that has it (sm_90). ``TESSERA_PDL=0`` turns it off."""
+    cupy = _cupy()
+    device = cupy.cuda.runtime.getDevice()
+    if device not in _PDL_DEVICES:
+        _PDL_DEVICES[device] = int(cupy.cuda.Device(device).compute_capability) >= 90 and \
+            os.environ.get("TESSERA_PDL", "1") != "0"
+    return _PDL_DEVICES[device] and cupy.cuda.get_current_stream().is_capturing()
+
+
 def _launch_pdl(kernel, grid, block, args, shared_mem, stream):
     from . import pdl
     pad = (1, 1)

@@ -54,30 +54,12 @@ def _kernel(name):
     return kernel
 
 
-def _launch(name, grid, block, args, pdl=False):
+def _launch(name, grid, block, args):
+    """Every kernel of gemv.cu calls pdl_wait() before it reads what the kernel before wrote: in a decode graph
+    each launch overlaps the tail of the kernel before (runtime.pdl_while_capturing; a decode step measured 3%
+    faster)."""
     from ..cuda import runtime
-    runtime.launch(_kernel(name), grid, block, args, pdl=pdl)
-
-
-def _programmatic():
-    """Whether to launch programmatically: while a CUDA graph is captured (where the Python cost of such a launch
-    is paid once) on a GPU that has it (sm_90). Every kernel of gemv.cu calls pdl_wait() before it reads what
-    the kernel before wrote, so each one's launch overlaps that kernel's tail (a decode step measured 3% faster).
-    """
-    import cupy
-    return _has_pdl() and cupy.cuda.get_current_stream().is_capturing()
-
-
-_PDL_DEVICES = {}   # device id -> compute capability >= 9.0 (and TESSERA_PDL is not "0")
-
-
-def _has_pdl():
-    import cupy
-    device = cupy.cuda.runtime.getDevice()
-    if device not in _PDL_DEVICES:
-        _PDL_DEVICES[device] = int(cupy.cuda.Device(device).compute_capability) >= 90 and \
-            os.environ.get("TESSERA_PDL", "1") != "0"
-    return _PDL_DEVICES[device]
+    runtime.launch(_kernel(name), grid, block, args, pdl=runtime.pdl_while_capturing())
 
 
 def _reference_mode():
@@ -152,8 +134,7 @@ def rows_linear(x, weight, *, scale=None, bias=None, norm=None, eps=1e-6, swiglu
             (x, i64(x.strides[0] // 2), _NULL if norm is None else norm, numpy.float32(eps), weight,
              _NULL if scale is None else scale, _NULL if bias is None else bias,
              _NULL if residual is None else residual, i64(0 if residual is None else residual.strides[0] // 2),
-             out, i64(out.strides[0] // out.dtype.itemsize), numpy.int32(B), numpy.int32(N), numpy.int32(K)),
-            pdl=_programmatic())
+             out, i64(out.strides[0] // out.dtype.itemsize), numpy.int32(B), numpy.int32(N), numpy.int32(K)))
     return out
 
 
@@ -179,7 +160,7 @@ def rope_append(qkv, cos, sin, pos, table, k_cache, v_cache, num_heads, num_kv_h
                 (qkv, i64(qkv.strides[0] // item), cos, sin, pos, table, i64(table.shape[1]),
                  numpy.int32(block_size.bit_length() - 1), k_cache, v_cache, i64(k_cache.strides[0] // item),
                  i64(k_cache.strides[1] // item), i64(k_cache.strides[2] // item), q_out, lens, numpy.int32(Hq),
-                 numpy.int32(Hkv), numpy.int32(D)), pdl=_programmatic())
+                 numpy.int32(Hkv), numpy.int32(D)))
         return q_out
     xp = backend.array_module(qkv)
     half = D // 2
@@ -204,8 +185,7 @@ def argmax_rows(logits, out):
     if not _reference_mode() and backend.is_cupy_array(logits) and logits.dtype == numpy.float32 and \
             logits.strides[-1] == 4:
         _launch("argmax_rows", logits.shape[0], ARGMAX_THREADS,
-                (logits, numpy.int64(logits.strides[0] // 4), numpy.int32(logits.shape[1]), out),
-                pdl=_programmatic())
+                (logits, numpy.int64(logits.strides[0] // 4), numpy.int32(logits.shape[1]), out))
         return out
     xp = backend.array_module(logits)
     out[...] = xp.argmax(logits, axis=-1).astype(out.dtype)
@@ -218,7 +198,7 @@ def embed_rows(table, tokens, out):
     if not _reference_mode() and backend.is_cupy_array(table) and table.dtype == _BF16 and H % 8 == 0 and \
             table.flags.c_contiguous and table.data.ptr % 16 == 0 and _aligned(out):
         _launch("embed_rows", tokens.shape[0], EMBED_THREADS,
-                (table, tokens, out, numpy.int64(out.strides[0] // 2), numpy.int32(H)), pdl=_programmatic())
+                (table, tokens, out, numpy.int64(out.strides[0] // 2), numpy.int32(H)))
         return out
     out[...] = table[tokens.astype(numpy.int64)]
     return out
