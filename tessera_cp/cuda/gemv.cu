@@ -34,6 +34,17 @@
 //   bias float (bias_kind 1) or bf16 (2). Limits: K % 16 == 0 for int8 W, K % 8 == 0 for bf16; x rows (stride
 //   ldx, a multiple of 8), W rows (ldw) and g 16-byte aligned; KS a multiple of the weight type's ITER_K;
 //   dynamic shared memory as nn/casted.py's gemv_shared_bytes; `part` and `counters` sized for the grid.
+//   Variants (template arguments after PRO, defaults = the kernel above; each computes the same bits, so the
+//   choice may depend on B; nn/casted.py's GEMV_VARIANTS names them, bench/tune_gemv_mma.py times them):
+//   PIPE 1: a step's W registers are requested again for the next iteration as soon as the step has used them
+//     (a lane's loads stay in flight through the arithmetic instead of draining each iteration).
+//   XPH 2, 4, 8 (plain x only): x staged in that many cp.async groups, each waited for (one barrier) when the
+//     main loop reaches it, so W streams while the rest of x arrives (the whole slice is 64 KB at B = 16).
+//   EPI 1: one fence per block instead of one per thread; the last block's threads add up the partials of the
+//     accumulators they hold (their own split's from registers, the S loads in flight together) and issue every
+//     epilogue load before the first store (the baseline walks B x 128 outputs, one dependent round trip each).
+//   LEAN 1: fragment loads at 32-bit shared addresses computed once; rows past B repeat row B - 1 (no
+//     predicated loads; the upper 8 rows are not loaded at all when B <= 8); W as a base plus offsets.
 // rope_append (bf16): RoPE of the new token's q and k heads (half-split layout, f32 cos/sin tables [P, D/2]) at
 //   position pos[b], q written to q_out [B, Hq, D]; k and v stored into the paged cache at that position (block
 //   table[b, pos >> log2_block], row pos & (block - 1)); lens[b] = pos[b] + 1. Grid B, any block size.
@@ -52,6 +63,7 @@
 // tessera-instantiate: gemv_mma<signed char, __nv_bfloat16, __nv_bfloat16, 0>; gemv_mma<signed char, __nv_bfloat16, __nv_bfloat16, 1>; gemv_mma<signed char, __nv_bfloat16, __nv_bfloat16, 2>
 // tessera-instantiate: gemv_mma<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, 0>; gemv_mma<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, 1>; gemv_mma<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, 2>
 // tessera-instantiate: gemv_mma<__nv_bfloat16, __nv_bfloat16, float, 1>; gemv_mma<signed char, __half, __half, 0>
+// tessera-instantiate: gemv_mma<signed char, __nv_bfloat16, __nv_bfloat16, 0, 1, 4, 1, 1>; gemv_mma<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, 0, 1, 4, 1, 1>; gemv_mma<signed char, __half, __half, 0, 1, 4, 1, 1>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -225,8 +237,27 @@ template <> struct Fragment<__nv_bfloat16, __nv_bfloat16> {
     }
 };
 
-
-
+// 16 bytes of shared memory at a 32-bit shared address (gemv_mma's LEAN loop: the address is computed once, not
+// rebuilt from a generic pointer each step). volatile + memory: never moved across the phase barriers.
+__device__ __forceinline__ uint4 lds128(unsigned addr) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+    return v;
+}
+// cp.async.wait_group takes an immediate: at most n (0..7) of this thread's latest groups still pending.
+__device__ __forceinline__ void cp_async_wait_pending(int n) {
+    switch (n) {
+    case 0: tessera::cp_async_wait<0>(); break;
+    case 1: tessera::cp_async_wait<1>(); break;
+    case 2: tessera::cp_async_wait<2>(); break;
+    case 3: tessera::cp_async_wait<3>(); break;
+    case 4: tessera::cp_async_wait<4>(); break;
+    case 5: tessera::cp_async_wait<5>(); break;
+    case 6: tessera::cp_async_wait<6>(); break;
+    default: tessera::cp_async_wait<7>(); break;
+    }
+}
 
 }  // namespace tessera_gemv
 
@@ -330,7 +361,7 @@ gemv_rows(const __nv_bfloat16 *__restrict__ x, long long ldx, const __nv_bfloat1
     }
 }
 
-template <typename WT, typename XT, typename OutT, int PRO>
+template <typename WT, typename XT, typename OutT, int PRO, int PIPE = 0, int XPH = 1, int EPI = 0, int LEAN = 0>
 __global__ void __launch_bounds__(tessera_gemv::THREADS, 2)
 gemv_mma(const XT *__restrict__ x, long long ldx, const XT *__restrict__ norm_w, float eps, const WT *__restrict__ W,
          long long ldw, const float *__restrict__ w_scale, const void *__restrict__ bias, int bias_kind,
@@ -339,6 +370,8 @@ gemv_mma(const XT *__restrict__ x, long long ldx, const XT *__restrict__ norm_w,
     using namespace tessera_gemv;
     constexpr int LOADS = Weights<WT>::LOADS, STEPS = Weights<WT>::STEPS, ITER_K = STEPS * STEP_K;
     constexpr int PARTS = PRO == 0 ? 1 : 2;           // staged x: XT values, or hi and lo parts of floats
+    constexpr int PH = PRO == 0 ? XPH : 1;            // phases of x staging (a prologue stages through registers)
+    static_assert(PH == 1 || PH == 2 || PH == 4 || PH == 8, "XPH: 1, 2, 4 or 8 phases");
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ float ss_row[MAX_B];
     __shared__ int last_block;
@@ -361,30 +394,58 @@ gemv_mma(const XT *__restrict__ x, long long ldx, const XT *__restrict__ norm_w,
     }
     const bool a_lo = g < B, a_hi = g + 8 < B;
     const XT *xa = xs + g * RS + 16 * t, *xb = xa + 8 * RS;
+    // LEAN: rows of A past B repeat row B - 1 (row i of the mma's result depends on row i of A only, and rows past
+    // B are not stored), so every fragment load is unconditional; with B <= 8 the upper 8 rows are not loaded.
+    const unsigned xa_s = tessera::smem_addr(xs + min(g, B - 1) * RS + 16 * t);
+    const unsigned xb_s = tessera::smem_addr(xs + min(g + 8, B - 1) * RS + 16 * t);
+    const bool hi_rows = B > 8;
+    // LEAN: each tile's W address is one base (its row at k0) plus offsets, against one bound (0 past N).
+    const WT *wk[TILES];
+    int wlim[TILES];
+#pragma unroll
+    for (int j = 0; j < TILES; ++j) {
+        wk[j] = wp[j] + k0;
+        wlim[j] = wok[j] ? kend - k0 - 16 * t : 0;
+    }
     uint4 w[STEPS][TILES][LOADS];   // one iteration's W chunks; the first is requested before x is staged
-    auto load = [&](int kk) {
+    auto load_step = [&](int u, int kk) {
 #pragma unroll
-        for (int u = 0; u < STEPS; ++u)
+        for (int j = 0; j < TILES; ++j)
 #pragma unroll
-            for (int j = 0; j < TILES; ++j)
-#pragma unroll
-                for (int l = 0; l < LOADS; ++l) {
+            for (int l = 0; l < LOADS; ++l) {
+                if (LEAN) {
+                    const int o = kk + u * STEP_K + 8 * l;
+                    w[u][j][l] = o < wlim[j] ? load_weights(wk[j] + o) : zero4();
+                } else {
                     const int k = k0 + kk + u * STEP_K + 16 * t + 8 * l;
                     w[u][j][l] = wok[j] && k < kend ? load_weights(wp[j] + (k - 16 * t)) : zero4();
                 }
+            }
+    };
+    auto load = [&](int kk) {
+#pragma unroll
+        for (int u = 0; u < STEPS; ++u) load_step(u, kk);
     };
     load(0);
-    // Stage x[:, k0 : k0 + KS] (zeros past K), 8 elements per chunk; chunk i is row i / CH, column i % CH.
-    // Plain x is copied with cp.async (every chunk in flight at once); a prologue goes through registers.
-    const int total = B * CH;
+    // Stage x[:, k0 : k0 + KS] (zeros past K), 8 elements per chunk. Plain x is copied with cp.async (every chunk
+    // in flight at once), in PH commit groups of whole iterations: phase p holds columns [start(p), start(p + 1))
+    // and the main loop waits for it only when it gets there, so W streams while the rest of x arrives. Chunk i
+    // of a phase is row i / width, column i % width. A prologue goes through registers.
+    const int iters = KS / ITER_K;
+    auto phase_start = [&](int p) { return ITER_K * (p * iters / PH); };
     if (PRO == 0) {
-        for (int i = tid; i < total; i += THREADS) {
-            const int b = i / CH, c = i - b * CH, k = k0 + 8 * c;
-            tessera::cp_async16(xs + b * RS + 8 * c, k < K ? x + b * ldx + k : x, k < K);
+#pragma unroll
+        for (int p = 0; p < PH; ++p) {
+            const int c0 = phase_start(p) / 8, width = phase_start(p + 1) / 8 - c0, total = B * width;
+            for (int i = tid; i < total; i += THREADS) {
+                const int b = i / width, c = c0 + i - b * width, k = k0 + 8 * c;
+                tessera::cp_async16(xs + b * RS + 8 * c, k < K ? x + b * ldx + k : x, k < K);
+            }
+            tessera::cp_async_commit();
         }
-        tessera::cp_async_commit();
-        tessera::cp_async_wait<0>();
+        if (PH == 1) tessera::cp_async_wait<0>();
     }
+    const int total = B * CH;
     for (int base = 0; PRO != 0 && base < total; base += STAGE_UNROLL * THREADS) {
         uint4 v[STAGE_UNROLL], extra[STAGE_UNROLL];
 #pragma unroll
@@ -423,7 +484,7 @@ gemv_mma(const XT *__restrict__ x, long long ldx, const XT *__restrict__ norm_w,
             *reinterpret_cast<uint4 *>(dst + B * RS) = lo;
         }
     }
-    __syncthreads();
+    if (PH == 1) __syncthreads();
     if (PRO == 1) {   // this slice's sum of squares per row, in a fixed order
         for (int b = warp; b < B; b += WARPS) {
             float q = 0.0f;
@@ -440,9 +501,17 @@ gemv_mma(const XT *__restrict__ x, long long ldx, const XT *__restrict__ norm_w,
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[j][r] = 0.0f;
 
-    // Main loop over the slice.
+    // Main loop over the slice. PIPE: each step's W registers are requested again for the next iteration as soon
+    // as the step has used them, so a lane keeps its loads in flight through the arithmetic (same registers).
+    int staged = PH == 1 ? PH : 0, wait_k = PH == 1 ? KS : 0;   // x phases complete; where the next one starts
     for (int kk = 0; kk < KS; kk += ITER_K) {
-        if (kk > 0) load(kk);
+        if (!PIPE && kk > 0) load(kk);
+        if (PH > 1 && kk >= wait_k) {   // uniform over the block: wait for every phase that starts by kk
+            while (staged < PH && phase_start(staged) <= kk) ++staged;
+            cp_async_wait_pending(PH - staged);
+            __syncthreads();
+            wait_k = staged < PH ? phase_start(staged) : KS;
+        }
 #pragma unroll
         for (int u = 0; u < STEPS; ++u) {
             const int xo = kk + u * STEP_K;
@@ -451,8 +520,15 @@ gemv_mma(const XT *__restrict__ x, long long ldx, const XT *__restrict__ norm_w,
             for (int p = 0; p < PARTS; ++p)
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    const uint4 l4 = a_lo ? *reinterpret_cast<const uint4 *>(xa + p * B * RS + xo + 8 * h) : zero4();
-                    const uint4 h4 = a_hi ? *reinterpret_cast<const uint4 *>(xb + p * B * RS + xo + 8 * h) : zero4();
+                    uint4 l4, h4;
+                    if (LEAN) {
+                        const unsigned off = sizeof(XT) * (p * B * RS + xo + 8 * h);
+                        l4 = lds128(xa_s + off);
+                        h4 = hi_rows ? lds128(xb_s + off) : l4;
+                    } else {
+                        l4 = a_lo ? *reinterpret_cast<const uint4 *>(xa + p * B * RS + xo + 8 * h) : zero4();
+                        h4 = a_hi ? *reinterpret_cast<const uint4 *>(xb + p * B * RS + xo + 8 * h) : zero4();
+                    }
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
                         xl[p][4 * h + i] = word(l4, i);
@@ -471,6 +547,7 @@ gemv_mma(const XT *__restrict__ x, long long ldx, const XT *__restrict__ norm_w,
                         tessera::mma<XT>(acc[j], a, b0, b1);
                     }
                 }
+            if (PIPE) load_step(u, kk + ITER_K);   // past the slice: no load (k >= kend)
         }
     }
 
@@ -483,7 +560,57 @@ gemv_mma(const XT *__restrict__ x, long long ldx, const XT *__restrict__ norm_w,
         if (residual != nullptr) v = __fadd_rn(v, __bfloat162float(residual[(long long)b * ldr + n]));
         out[(long long)b * ldo + n] = store_as<OutT>(v);
     };
+    // EPI: the epilogue of the elements a thread holds (v[j][h][c]: row b = g + 8h, row n = wrow + 8j + 2t + c),
+    // the same operations as finish, with every load issued before the first store (residual may alias out, but
+    // each element is read and written by this thread only).
+    auto finish_held = [&](const float (&v)[TILES][2][2]) {
+        float sc[TILES][2], bi[TILES][2], rs[TILES][2][2];
+#pragma unroll
+        for (int j = 0; j < TILES; ++j)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int n = wrow + 8 * j + 2 * t + c;
+                const bool ok = n < N;
+                sc[j][c] = w_scale != nullptr && ok ? w_scale[n] : 1.0f;
+                bi[j][c] = !ok ? 0.0f
+                           : bias_kind == 1 ? static_cast<const float *>(bias)[n]
+                           : bias_kind == 2 ? __bfloat162float(static_cast<const __nv_bfloat16 *>(bias)[n])
+                                            : 0.0f;
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    rs[j][h][c] = residual != nullptr && ok && g + 8 * h < B
+                                      ? __bfloat162float(residual[(long long)(g + 8 * h) * ldr + n]) : 0.0f;
+            }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int b = g + 8 * h;
+            if (b >= B) continue;
+            const float r = PRO == 1 ? rsqrtf(__fadd_rn(ss_row[b] / (float)K, eps)) : 1.0f;
+#pragma unroll
+            for (int j = 0; j < TILES; ++j)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int n = wrow + 8 * j + 2 * t + c;
+                    if (n >= N) continue;
+                    float y = v[j][h][c];
+                    if (PRO == 1) y = __fmul_rn(y, r);
+                    if (w_scale != nullptr) y = __fmul_rn(y, sc[j][c]);
+                    if (bias_kind != 0) y = __fadd_rn(y, bi[j][c]);
+                    if (residual != nullptr) y = __fadd_rn(y, rs[j][h][c]);
+                    out[(long long)b * ldo + n] = store_as<OutT>(y);
+                }
+        }
+    };
     // Accumulator r of tile j: row b = g + 8 (r / 2) of x, row n = 8j + 2t + r % 2 of this warp's W rows.
+    if (S == 1 && EPI) {
+        float v[TILES][2][2];
+#pragma unroll
+        for (int j = 0; j < TILES; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) v[j][r >> 1][r & 1] = acc[j][r];
+        finish_held(v);
+        return;
+    }
     if (S == 1) {
 #pragma unroll
         for (int j = 0; j < TILES; ++j)
@@ -505,13 +632,26 @@ gemv_mma(const XT *__restrict__ x, long long ldx, const XT *__restrict__ norm_w,
                     make_float2(acc[j][2 * h], acc[j][2 * h + 1]);
         }
     if (PRO == 1 && tid < B) tile[MAX_B * BLOCK_ROWS + tid] = ss_row[tid];
-    __threadfence();   // this block's partials are visible device-wide before it is counted
-    __syncthreads();
-    if (tid == 0) {
-        const int arrived = atomicAdd(counters + blockIdx.x, 1);
-        last_block = arrived == S - 1;
-        if (last_block) counters[blockIdx.x] = 0;   // ready for the next launch
-        __threadfence();
+    if (EPI) {
+        // The barrier orders every thread's partials before thread 0's fence (cumulative), which orders them
+        // before the count: one fence a block instead of one a thread.
+        __syncthreads();
+        if (tid == 0) {
+            __threadfence();
+            const int arrived = atomicAdd(counters + blockIdx.x, 1);
+            last_block = arrived == S - 1;
+            if (last_block) counters[blockIdx.x] = 0;   // ready for the next launch
+            __threadfence();
+        }
+    } else {
+        __threadfence();   // this block's partials are visible device-wide before it is counted
+        __syncthreads();
+        if (tid == 0) {
+            const int arrived = atomicAdd(counters + blockIdx.x, 1);
+            last_block = arrived == S - 1;
+            if (last_block) counters[blockIdx.x] = 0;   // ready for the next launch
+            __threadfence();
+        }
     }
     __syncthreads();
     if (!last_block) return;
@@ -522,6 +662,45 @@ gemv_mma(const XT *__restrict__ x, long long ldx, const XT *__restrict__ norm_w,
         ss_row[tid] = q;
     }
     __syncthreads();
+    if (EPI) {
+        // Each thread adds up, in split order, the S partials of the elements it holds (its own split's from its
+        // registers): the same sums as below, with every load of a group of splits in flight at once.
+        constexpr int G = 4;
+        float v[TILES][2][2];
+#pragma unroll
+        for (int j = 0; j < TILES; ++j)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) v[j][h][0] = v[j][h][1] = 0.0f;
+        for (int s0 = 0; s0 < S; s0 += G) {
+            float2 q[TILES][2][G];
+#pragma unroll
+            for (int j = 0; j < TILES; ++j)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const float *src = tiles + (g + 8 * h) * BLOCK_ROWS + warp * 8 * TILES + 8 * j + 2 * t;
+#pragma unroll
+                    for (int i = 0; i < G; ++i) {
+                        const int s = s0 + i;
+                        q[j][h][i] = s == split ? make_float2(acc[j][2 * h], acc[j][2 * h + 1])
+                                     : s < S && g + 8 * h < B
+                                         ? __ldcg(reinterpret_cast<const float2 *>(src + (long long)s * TILE_FLOATS))
+                                         : make_float2(0.0f, 0.0f);
+                    }
+                }
+#pragma unroll
+            for (int j = 0; j < TILES; ++j)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+#pragma unroll
+                    for (int i = 0; i < G; ++i)
+                        if (s0 + i < S) {
+                            v[j][h][0] += q[j][h][i].x;
+                            v[j][h][1] += q[j][h][i].y;
+                        }
+        }
+        finish_held(v);
+        return;
+    }
     for (int i = tid; i < B * BLOCK_ROWS; i += THREADS) {
         const int b = i / BLOCK_ROWS, c = i % BLOCK_ROWS, n = row0 + c;
         if (n >= N) continue;

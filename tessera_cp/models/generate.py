@@ -5,7 +5,9 @@ against a paged KV cache, greedy / temperature / top-k / top-p sampling with a s
 of ``max_context`` tokens and, per batch size, the static arrays of a decode step. On the GPU the decode step is
 captured once as a CUDA graph (its allocations come from a memory pool kept with the graph) and replayed for every
 later token: the step's first run is eager, the second captures, every run after that replays. ``use_graph=False``
-runs every step eagerly with the same kernels, so greedy tokens are identical either way.
+runs every step eagerly with the same kernels, so greedy tokens are identical either way. Greedy decode on the GPU
+is pipelined: step t + 1 is queued before the host reads step t's tokens (copied behind it to pinned memory), so
+the GPU runs the steps back to back; the one step queued past the last token is discarded.
 
 Batched requests of different lengths: each prompt is prefilled on its own (no padding), then all sequences decode
 together; each row of every decode kernel is computed independently of the others (fixed reduction orders and a
@@ -284,20 +286,53 @@ class TextGenerator:
                 st.tokens[...] = tokens
                 st.pos[...] = xp.asarray(numpy.asarray([len(p) for p in prompts], dtype=numpy.int32))
                 st.table[...] = cache.block_table(ids, self.table_width).data
-                for _ in range(1, max_new):
-                    out.used_graph |= self._step(st, greedy)
-                    if not greedy:
-                        st.tokens[...] = sample_tokens(st.logits, temperature, top_k, top_p,
-                                                       [r.random() for r in rngs])
-                    host = numpy.asarray(backend.to_device(st.tokens, "cpu"))
-                    out.decode_tokens += sum(active)
-                    self._emit(out, host, active, stop, on_token, max_new)
-                    if not any(active):
-                        break
+                if greedy and self.stream is not None:
+                    out.used_graph |= self._greedy_pipelined(st, out, active, stop, on_token, max_new)
+                else:
+                    for _ in range(1, max_new):
+                        out.used_graph |= self._step(st, greedy)
+                        if not greedy:
+                            st.tokens[...] = sample_tokens(st.logits, temperature, top_k, top_p,
+                                                           [r.random() for r in rngs])
+                        host = numpy.asarray(backend.to_device(st.tokens, "cpu"))
+                        out.decode_tokens += sum(active)
+                        self._emit(out, host, active, stop, on_token, max_new)
+                        if not any(active):
+                            break
                 self._sync()
                 out.decode_seconds = time.perf_counter() - t0
         out.generated_tokens = sum(len(t) for t in out.tokens)
         return out
+
+    def _greedy_pipelined(self, st, out, active, stop, on_token, max_new):
+        """Greedy decode steps with the GPU never waiting for the host: each step's tokens (argmax on the GPU,
+        read by the next step's embedding there) are copied to pinned host memory behind it, and the next step is
+        queued before the host waits for that copy. When every sequence has stopped, the one step queued past it
+        is discarded (its cache row lies beyond the sequence's end). Returns whether a graph ran."""
+        import cupy
+        nbytes = st.tokens.nbytes
+        buffers = [numpy.frombuffer(cupy.cuda.alloc_pinned_memory(nbytes), dtype=st.tokens.dtype,
+                                    count=st.tokens.size) for _ in range(2)]
+        used_graph, pending = False, None
+        for i in range(1, max_new):
+            used_graph |= self._step(st, True)
+            host = buffers[i % 2]
+            cupy.cuda.runtime.memcpyAsync(host.ctypes.data, st.tokens.data.ptr, nbytes,
+                                          cupy.cuda.runtime.memcpyDeviceToHost, self.stream.ptr)
+            ready = (self.stream.record(), host)
+            if pending is not None and not self._emit_when_ready(pending, out, active, stop, on_token, max_new):
+                return used_graph
+            pending = ready
+        if pending is not None:
+            self._emit_when_ready(pending, out, active, stop, on_token, max_new)
+        return used_graph
+
+    def _emit_when_ready(self, pending, out, active, stop, on_token, max_new):
+        event, host = pending
+        event.synchronize()
+        out.decode_tokens += sum(active)
+        self._emit(out, host.copy(), active, stop, on_token, max_new)
+        return any(active)
 
     @staticmethod
     def _emit(out, host_tokens, active, stop, on_token, max_new):

@@ -49,6 +49,17 @@ GEMV_TILE_FLOATS = GEMV_MAX_ROWS * GEMV_BLOCK_ROWS + GEMV_MAX_ROWS   # workspace
 GEMV_ITER_K = {1: 256, 2: 128}                     # by weight itemsize: k per main-loop iteration = split unit
 GEMV_SPLIT_MAX = (2048, 1024, 1024)                # by prologue (none, RMSNorm, SwiGLU): longest K slice staged
 GEMV_BLOCKS_PER_SM = 1.5                           # split K until the grid has about this many blocks per SM
+# gemv_mma's variants: its template arguments after the prologue, (PIPE, XPH, EPI, LEAN) (gemv.cu says what each
+# changes). Each computes the same bits as "base", so the choice may depend on the rows of x without changing a
+# row's result. bench/tune_gemv_mma.py checks and times them; a variant other than "base" that a policy below
+# names must also be listed in gemv.cu's tessera-instantiate lines (tests/nn/test_casted.py checks).
+GEMV_VARIANTS = {"base": (0, 1, 0, 0), "lean": (0, 1, 0, 1), "pipe": (1, 1, 0, 0), "epi": (0, 1, 1, 0),
+                 "x4": (0, 4, 0, 0), "pipe_lean": (1, 1, 0, 1), "ple": (1, 1, 1, 1), "ple_x2": (1, 2, 1, 1),
+                 "ple_x4": (1, 4, 1, 1), "ple_x8": (1, 8, 1, 1), "le_x4": (0, 4, 1, 1)}
+# plain x: (most rows of x, variant), the first entry that holds B. bench/tune_gemv_mma.py (H100, 2026-11-25, cold
+# int8 weights, us at M = 1 / 8 / 16): 8192^2 base 30.6 / 33.2 / 38.5, ple_x4 28.5 / 30.2 / 33.1; 28672 x 8192 base
+# 99.7 / 103.2 / 112.2, ple_x4 89.5 / 91.3 / 96.3; ple_x4 the fastest or within 1.5% of it at every M.
+GEMV_VARIANT_BY_ROWS = ((16, "ple_x4"),)
 GATHER_THREADS = 128                               # embedding gathers (cuda/quant.cu)
 MAX_GRID_Y = 65535
 LINEAR_MODES = ("auto", "w8a8", "weight_only")
@@ -501,12 +512,30 @@ def _gemv_kernel(name):
     return runtime.get_kernel("gemv.cu", name)
 
 
+def gemv_variant(rows, prologue=0):
+    """The gemv_mma variant (a GEMV_VARIANTS key) for ``rows`` rows of x: ``GEMV_VARIANT_BY_ROWS``'s on plain x
+    (what the tuning run measured), the base with a prologue."""
+    if prologue == 0:
+        for most, name in GEMV_VARIANT_BY_ROWS:
+            if rows <= most:
+                return name
+    return "base"
+
+
+def gemv_kernel_name(wt, xt, ot, prologue, variant="base"):
+    """The gemv.cu instantiation of gemv_mma for these CUDA type names, prologue and variant ("base" keeps the
+    template's defaults, so its name is the one listed since before the variants)."""
+    args = "" if variant == "base" else "".join(f", {v}" for v in GEMV_VARIANTS[variant])
+    return f"gemv_mma<{wt}, {xt}, {ot}, {prologue}{args}>"
+
+
 def gemv_mma(x, weight, out, scale=None, bias=None, norm=None, eps=1e-6, swiglu=False, residual=None,
-             splits=None):
+             splits=None, variant=None):
     """out[b] = epilogue(prologue(x[b]) @ weight.T) for the rows of x, through gemv.cu's gemv_mma, on arrays that
     ``gemv_mma_supported`` accepted: prologue RMSNorm with weight ``norm`` (and ``eps``) or SwiGLU of x = [gate | up]
     ([B, 2K]); epilogue * scale[n] + bias[n] + residual[b, n] (residual may be ``out``). ``splits`` = (KS, S)
-    overrides the K split (tuning only). No allocation once the workspace has grown, so it can be captured."""
+    overrides the K split and ``variant`` (a GEMV_VARIANTS key) the kernel variant (tuning only). No allocation
+    once the workspace has grown, so it can be captured."""
     from ..cuda import runtime
     xp = backend.array_module(x)
     B, (N, K) = x.shape[0], weight.shape
@@ -519,7 +548,7 @@ def gemv_mma(x, weight, out, scale=None, bias=None, norm=None, eps=1e-6, swiglu=
     xt = _GEMV_X[numpy.dtype(x.dtype)]
     wt = "signed char" if weight.dtype == numpy.int8 else "__nv_bfloat16"
     ot = "float" if out.dtype == numpy.float32 else xt
-    kernel = _gemv_kernel(f"gemv_mma<{wt}, {xt}, {ot}, {pro}>")
+    kernel = _gemv_kernel(gemv_kernel_name(wt, xt, ot, pro, variant or gemv_variant(B, pro)))
     null, i32, i64 = numpy.uint64(0), numpy.int32, numpy.int64
     bias_kind = 0 if bias is None else (1 if bias.dtype == numpy.float32 else 2)
     runtime.launch(kernel, (groups, S), GEMV_THREADS,

@@ -83,6 +83,27 @@ def test_graph_and_eager_give_identical_tokens(tiny, quantize):
     assert sampled[0] == sampled[1]
 
 
+@pytest.mark.parametrize("use_graph", [True, False])
+def test_greedy_stops_and_reports_tokens_as_the_synchronous_loop(tiny, use_graph):
+    """Greedy decode queues each step before the host reads the previous one's tokens: a stop token must still end
+    its sequence there (the step queued past it discarded), the others must go on, and on_token sees every
+    emitted token once, in order."""
+    model = LlamaForCausalLM.from_pretrained(tiny[0], device="cuda")
+    gen = TextGenerator(model, max_batch=3, max_context=96, use_graph=use_graph)
+    free = gen.generate(PROMPTS, 24, stop_tokens=[])
+    stop = free.tokens[1][6]
+    seen = {b: [] for b in range(len(PROMPTS))}
+    out = gen.generate(PROMPTS, 24, stop_tokens=[stop], on_token=lambda b, t: seen[b].append(t))
+    for b, tokens in enumerate(free.tokens):
+        cut = tokens.index(stop) if stop in tokens else len(tokens)
+        assert out.tokens[b] == tokens[:cut]
+        assert out.finish_reasons[b] == ("stop" if stop in tokens else "length")
+        assert seen[b] == out.tokens[b]
+    assert out.generated_tokens == sum(len(t) for t in out.tokens)
+    single = gen.generate([PROMPTS[1]], 24, stop_tokens=[stop])     # every sequence stopped: the loop ends early
+    assert single.tokens[0] == free.tokens[1][:free.tokens[1].index(stop)] and single.decode_tokens < 23
+
+
 def test_batching_does_not_change_any_sequence(tiny):
     model = LlamaForCausalLM.from_pretrained(tiny[0], device="cuda")
     gen = TextGenerator(model, max_batch=3, max_context=96)

@@ -146,6 +146,49 @@ def test_mode_auto_switches_on_rows(rng):
         assert numpy.array_equal(bits(y), bits(want)), (rows, expected)
 
 
+# gemv_mma's variants (cuda/gemv.cu): the same bits as the base kernel, so the policy may pick one by rows of x.
+PLAIN_X = [("signed char", "__nv_bfloat16", "__nv_bfloat16"), ("__nv_bfloat16", "__nv_bfloat16", "__nv_bfloat16"),
+           ("signed char", "__half", "__half")]   # the (weight, x, out) types gemv_mma serves without a prologue
+
+
+def test_gemv_variant_policy_covers_every_row_count_and_is_listed():
+    """GEMV_VARIANT_BY_ROWS names known variants for 1..GEMV_MAX_ROWS rows in increasing order, prologues keep
+    the base, and every instantiation a policy can ask for is listed in gemv.cu (built up front, compiled by
+    tests/cuda/test_compile_all.py)."""
+    from tessera_cp.cuda import runtime
+    listed = set(runtime.parse_instantiations((runtime.SOURCE_DIR / "gemv.cu").read_text()))
+    limits = [most for most, _ in casted.GEMV_VARIANT_BY_ROWS]
+    assert limits == sorted(limits) and limits[-1] >= casted.GEMV_MAX_ROWS
+    for rows in range(1, casted.GEMV_MAX_ROWS + 1):
+        variant = casted.gemv_variant(rows, 0)
+        assert variant in casted.GEMV_VARIANTS
+        for wt, xt, ot in PLAIN_X:
+            assert casted.gemv_kernel_name(wt, xt, ot, 0, variant) in listed, (rows, variant)
+        assert casted.gemv_variant(rows, 1) == casted.gemv_variant(rows, 2) == "base"
+    assert casted.gemv_kernel_name("signed char", "__nv_bfloat16", "__nv_bfloat16", 0) == \
+        "gemv_mma<signed char, __nv_bfloat16, __nv_bfloat16, 0>"   # the base keeps the template's defaults
+    for pipe, xph, epi, lean in casted.GEMV_VARIANTS.values():
+        assert pipe in (0, 1) and xph in (1, 2, 4, 8) and epi in (0, 1) and lean in (0, 1)
+    assert casted.GEMV_VARIANTS["base"] == (0, 1, 0, 0)
+
+
+@pytest.mark.slow
+def test_gemv_variants_compile(tmp_path):
+    """Every variant on the weight-only path, and all switches together with the prologue paths they change (hi/lo
+    x parts, the sum of squares, f32 logits), compile for Hopper without a GPU (through a wrapper source, so only
+    these instantiations are built: the listed ones are test_compile_all's)."""
+    from tessera_cp.cuda import runtime
+    if runtime.nvrtc() is None:
+        pytest.skip("needs NVRTC (pip install nvidia-cuda-nvrtc)")
+    names = [casted.gemv_kernel_name("signed char", "__nv_bfloat16", "__nv_bfloat16", 0, v)
+             for v in casted.GEMV_VARIANTS if v != "base"]
+    names += [casted.gemv_kernel_name("__nv_bfloat16", "__nv_bfloat16", "float", 1, "ple"),
+              casted.gemv_kernel_name("signed char", "__nv_bfloat16", "__nv_bfloat16", 2, "ple")]
+    src = tmp_path / "gemv_variants.cu"
+    src.write_text('#include "gemv.cu"\n')
+    assert runtime.compile_for_arch(None, "sm_90a", name_expressions=names, source_path=src)[:4] == b"\x7fELF"
+
+
 def test_casted_linear_module_state_and_shapes(rng):
     layer = casted.CastedLinear(48, 20, generator=tc.Generator(0))
     assert layer.weight.dtype is tc.int8 and layer.weight.shape == (20, 48)
@@ -461,6 +504,28 @@ def test_gpu_weight_only_low_precision_rule(storage, m, n, k):
     casted.weight_only_linear(cupy.asarray(x), cupy.asarray(w), cupy.asarray(ws), cupy.asarray(bias), out=out)
     ref64 = (x.astype(numpy.float64) @ w.astype(numpy.float64).T) * ws + bias
     tc.testing.assert_low_precision_close(cupy.asnumpy(out), ref64, ref64.astype(storage), atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [v for v in casted.GEMV_VARIANTS if v != "base"])
+@pytest.mark.parametrize("m,n,k", [(1, 1000, 4112), (16, 4097, 256), (9, 300, 8192), (16, 8192, 8192)])
+def test_gpu_gemv_variants_equal_base_bit_for_bit(variant, m, n, k):
+    """Each gemv_mma variant writes exactly the bits of the base kernel (same slices, same k order in the mma,
+    same split order, same epilogue), including with a residual that is the output itself."""
+    cupy = _cupy()
+    rng = numpy.random.default_rng(m + n + k)
+    x = cupy.asarray(rng.standard_normal((m, k)).astype(BF16))
+    w = cupy.asarray(rng.integers(-127, 128, (n, k), dtype=numpy.int8))
+    ws = cupy.asarray(rng.uniform(1e-3, 2e-2, n).astype(numpy.float32))
+    bias = cupy.asarray(rng.standard_normal(n).astype(BF16))
+    res = cupy.asarray(rng.standard_normal((m, n)).astype(BF16))
+    outs = {}
+    for v in ("base", variant):
+        out = res.copy()
+        casted.gemv_mma(x, w, out, scale=ws, bias=bias, residual=out, variant=v)
+        outs[v] = cupy.asnumpy(out)
+    assert numpy.isfinite(outs["base"].astype(numpy.float32)).all()
+    assert numpy.array_equal(bits(outs[variant]), bits(outs["base"]))
 
 
 @pytest.mark.gpu
