@@ -35,6 +35,11 @@ silently shifting every later argument of a kernel that takes ``int`` or ``float
 
 ``TESSERA_SYNC=1`` in the environment makes every ``launch`` synchronize and turn any CUDA error into a
 ``TesseraError`` that names the kernel: the way to find which launch faulted.
+
+Launch paths: ``launch`` checks its arguments at every call; an op called often keeps what its launcher derives
+(kernel, grid, block, scalars) in a ``LaunchPlans`` and launches with ``launch_planned``; ``launch(..., pdl=True)``
+is a programmatic dependent launch (``pdl.py``, sm_90), which the decode step uses while a CUDA graph is captured
+(``pdl_while_capturing``).
 """
 import ctypes
 import glob
