@@ -14,7 +14,6 @@ Tried and not kept (stream us, programmatic): the paged decode and its combine l
 warp per row and 1156.5 with the block over (row, column pair), while bench_paged's MLA decode went 166 -> 233 us.
 The single-replay figure moves by +-100 us between runs on the same machine; the stream figure within ~1%.
 """
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,31 +24,11 @@ import cupy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_llama as B  # noqa: E402  (the model shape, the byte count)
+from tune_rope import timings  # noqa: E402  (stream and single-call medians)
 
 import tessera_cp as tc  # noqa: E402
 from tessera_cp.cuda import runtime  # noqa: E402
 from tessera_cp.models import LlamaConfig, LlamaForCausalLM, TextGenerator  # noqa: E402
-
-
-def timings(step, n=20, reps=9):
-    a, b = cupy.cuda.Event(), cupy.cuda.Event()
-    for _ in range(3):
-        step()
-    cupy.cuda.get_current_stream().synchronize()
-    stream, single = [], []
-    for _ in range(reps):
-        a.record()
-        for _ in range(n):
-            step()
-        b.record()
-        b.synchronize()
-        stream.append(cupy.cuda.get_elapsed_time(a, b) * 1e3 / n)
-        a.record()
-        step()
-        b.record()
-        b.synchronize()
-        single.append(cupy.cuda.get_elapsed_time(a, b) * 1e3)
-    return statistics.median(stream), statistics.median(single)
 
 
 def main():
@@ -85,7 +64,7 @@ def main():
     rows = {name: ([], [], []) for name in steps}
     for _ in range(3):
         for name, step in steps.items():
-            st, si = timings(step)
+            st, si = timings(step, n=20, reps=9)
             rows[name][0].append(st)
             rows[name][1].append(si)
             cupy.cuda.get_current_stream().synchronize()

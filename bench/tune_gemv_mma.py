@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -48,9 +47,12 @@ import ml_dtypes  # noqa: E402
 from tessera_cp.cuda import runtime  # noqa: E402
 from tessera_cp.nn import casted  # noqa: E402
 
+sys.path.insert(0, HERE)
+import tune_gemv  # noqa: E402
+from tune_gemv import _log_file, log, time_graph, time_torch  # noqa: E402
+
 BF16 = ml_dtypes.bfloat16
 COPY_GBS = 3000.0
-L2_BYTES = 50 * 2 ** 20
 SHAPES = ((8192, 8192), (28672, 8192))
 ROWS = (1, 2, 4, 8, 12, 16)
 VARIANTS = list(casted.GEMV_VARIANTS)
@@ -70,19 +72,6 @@ def combos_for(variant):
     if variant in ("pipe", "pipe_lean", "lean", "epi"):
         return [(I8, BF, BF, 0), (I8, F16, F16, 0), (BF, BF, BF, 1)]
     return [(I8, BF, BF, 0), (I8, F16, F16, 0)]
-
-
-log_lines = []
-_log_file = []
-
-
-def log(*a):
-    line = " ".join(str(x) for x in a)
-    print(line, flush=True)
-    log_lines.append(line)
-    if _log_file:
-        _log_file[0].write(line + "\n")
-        _log_file[0].flush()
 
 
 # ------------------------------------------------------------------------------------------------ build
@@ -228,71 +217,9 @@ def check_all(rng):
 
 
 # ------------------------------------------------------------------------------------------------ timing
-_streams = []
-
-
-def time_graph(fn, repeat, reps=15):
-    """Median ms per fn(i) call: fn captured `repeat` times in one CUDA graph, replays timed with events."""
-    if not _streams:   # one stream for every timing: gemv's workspace is per stream
-        _streams.append(cupy.cuda.Stream(non_blocking=True))
-    stream = _streams[0]
-    with stream:
-        fn(0)   # warm-up and workspace allocation outside the capture
-        stream.synchronize()
-        stream.begin_capture()
-        for i in range(repeat):
-            fn(i)
-        graph = stream.end_capture()
-        graph.launch(stream)
-        stream.synchronize()
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        times = []
-        for _ in range(reps):
-            start.record(stream)
-            graph.launch(stream)
-            stop.record(stream)
-            stop.synchronize()
-            times.append(cupy.cuda.get_elapsed_time(start, stop) / repeat)
-    return statistics.median(times)
-
-
-def time_torch(fn, repeat, reps=15):
-    import torch
-    fn(0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn(0)
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(graph):
-        for i in range(repeat):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / repeat)
-    return statistics.median(times)
-
-
+# CUDA-graph timing of ours and torch's, and weights rotated past the L2: bench/tune_gemv.py's.
 def weight_copies(N, K, int8):
-    nbytes = N * K * (1 if int8 else 2)
-    copies = max(1, math.ceil(4 * L2_BYTES / nbytes))
-    rng = numpy.random.default_rng(N + K)
-    ws = []
-    for _ in range(copies):
-        if int8:
-            ws.append(cupy.asarray(rng.integers(-127, 128, size=(N, K), dtype=numpy.int8)))
-        else:
-            ws.append(cupy.random.standard_normal((N, K), dtype=numpy.float32).astype(BF16))
-    return ws
+    return tune_gemv.weight_copies(N, K, int8, cold=True)[0]
 
 
 def have_torch():
