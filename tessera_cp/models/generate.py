@@ -314,18 +314,22 @@ class TextGenerator:
         buffers = [numpy.frombuffer(cupy.cuda.alloc_pinned_memory(nbytes), dtype=st.tokens.dtype,
                                     count=st.tokens.size) for _ in range(2)]
         used_graph, pending = False, None
-        for i in range(1, max_new):
-            used_graph |= self._step(st, True)
-            host = buffers[i % 2]
-            cupy.cuda.runtime.memcpyAsync(host.ctypes.data, st.tokens.data.ptr, nbytes,
-                                          cupy.cuda.runtime.memcpyDeviceToHost, self.stream.ptr)
-            ready = (self.stream.record(), host)
-            if pending is not None and not self._emit_when_ready(pending, out, active, stop, on_token, max_new):
-                return used_graph
-            pending = ready
-        if pending is not None:
-            self._emit_when_ready(pending, out, active, stop, on_token, max_new)
-        return used_graph
+        try:
+            for i in range(1, max_new):
+                used_graph |= self._step(st, True)
+                host = buffers[i % 2]
+                cupy.cuda.runtime.memcpyAsync(host.ctypes.data, st.tokens.data.ptr, nbytes,
+                                              cupy.cuda.runtime.memcpyDeviceToHost, self.stream.ptr)
+                ready = (self.stream.record(), host)
+                if pending is not None and not self._emit_when_ready(pending, out, active, stop, on_token,
+                                                                     max_new):
+                    return used_graph
+                pending = ready
+            if pending is not None:
+                self._emit_when_ready(pending, out, active, stop, on_token, max_new)
+            return used_graph
+        finally:   # however it ends (a stop, an on_token error), no copy may still be landing in a freed buffer
+            self.stream.synchronize()
 
     def _emit_when_ready(self, pending, out, active, stop, on_token, max_new):
         event, host = pending
