@@ -388,9 +388,7 @@ def launch(kernel, grid, block, args, shared_mem=0, stream=None, pdl=False):
         i = next(i for i, a in enumerate(args) if type(a) in _PYTHON_SCALARS)
         raise TesseraError(f"argument {i} of {_kernel_name(kernel)} is a Python {type(args[i]).__name__}; pass "
                            "a NumPy scalar of the parameter's C type (numpy.int32, numpy.float32, ...)")
-    if not _launch_errors:
-        cupy = _cupy()
-        _launch_errors.extend((cupy.cuda.driver.CUDADriverError, cupy.cuda.runtime.CUDARuntimeError))
+    errors = _cuda_errors()
     shared_mem = int(shared_mem)
     try:
         if shared_mem > SMEM_DEFAULT_LIMIT:
@@ -405,9 +403,21 @@ def launch(kernel, grid, block, args, shared_mem=0, stream=None, pdl=False):
         sync = os.environ.get("TESSERA_SYNC")
         if sync and sync_enabled(sync):
             (stream or _cupy().cuda.get_current_stream()).synchronize()
-    except tuple(_launch_errors) as e:
-        raise TesseraError(f"kernel {_kernel_name(kernel)} failed (grid {grid}, block {block}, "
-                           f"shared_mem {shared_mem}): {e}") from e
+    except errors as e:
+        raise _launch_failed(kernel, grid, block, shared_mem, e) from e
+
+
+def _cuda_errors():
+    """CuPy's CUDA error classes, looked up on first use (CuPy is imported lazily)."""
+    if not _launch_errors:
+        cupy = _cupy()
+        _launch_errors.extend((cupy.cuda.driver.CUDADriverError, cupy.cuda.runtime.CUDARuntimeError))
+    return tuple(_launch_errors)
+
+
+def _launch_failed(kernel, grid, block, shared_mem, error):
+    return TesseraError(f"kernel {_kernel_name(kernel)} failed (grid {grid}, block {block}, "
+                        f"shared_mem {shared_mem}): {error}")
 
 
 _PDL_DEVICES = {}   # device id -> compute capability >= 9.0 and TESSERA_PDL is not "0"
@@ -470,14 +480,8 @@ def launch_planned(kernel, grid, block, args, shared_mem=0):
         return
     try:
         kernel(grid, block, args, shared_mem=shared_mem)
-    except Exception as e:  # CuPy's CUDADriverError / CUDARuntimeError: the kernel's name added
-        if not _launch_errors:
-            cupy = _cupy()
-            _launch_errors.extend((cupy.cuda.driver.CUDADriverError, cupy.cuda.runtime.CUDARuntimeError))
-        if not isinstance(e, tuple(_launch_errors)):
-            raise
-        raise TesseraError(f"kernel {_kernel_name(kernel)} failed (grid {grid}, block {block}, "
-                           f"shared_mem {shared_mem}): {e}") from e
+    except _cuda_errors() as e:
+        raise _launch_failed(kernel, grid, block, shared_mem, e) from e
 
 
 def _kernel_name(kernel):
