@@ -28,7 +28,19 @@ from tune_rope import timings  # noqa: E402  (stream and single-call medians)
 
 import tessera_cp as tc  # noqa: E402
 from tessera_cp.cuda import runtime  # noqa: E402
-from tessera_cp.models import LlamaConfig, LlamaForCausalLM, TextGenerator  # noqa: E402
+from tessera_cp.models import LlamaConfig, LlamaForCausalLM, TextGenerator, gemv  # noqa: E402
+
+
+def prebuild_rows(rows_set):
+    """gemv.cu built once with the batch-1 bf16 gemv_rows instantiations for every ROWS asked for (the runtime
+    rebuilds a module once per name it was not built with, which took this script's whole time limit); the
+    decode step's kernel lookup then takes them from that module."""
+    names = [f"gemv_rows<__nv_bfloat16, {out}, {pro}, 1, {rows}>" for rows in sorted(rows_set)
+             for out, pro in (("__nv_bfloat16", 0), ("__nv_bfloat16", 1), ("__nv_bfloat16", 2), ("float", 1))]
+    code = (runtime.SOURCE_DIR / "gemv.cu").read_text() + "\n// tessera-instantiate: " + "; ".join(names) + "\n"
+    built = {name: runtime.compile_source(code, name, filename="gemv.cu+rows") for name in names}
+    listed = gemv._kernel
+    gemv._kernel = lambda name: built[name] if name in built else listed(name)
 
 
 def main():
@@ -37,10 +49,14 @@ def main():
     prompt = B._prompt(B.CONTEXT)
     nbytes = B._weight_bytes(model) + B._kv_bytes(config, B.CONTEXT + 1)
     steps, tokens = {}, {}
-    variants = (("plain launches", False),) if "--profile" in sys.argv else \
-        (("plain launches", False), ("programmatic (PDL)", True))
-    for name, pdl in variants:
+    # (name, programmatic launches, rows of W per gemv_rows block for bf16 weights and one row of x)
+    variants = (("plain launches", False, 8),) if "--profile" in sys.argv else \
+        (("plain launches", False, 8), ("programmatic (PDL)", True, 8), ("PDL, 4 rows a block", True, 4),
+         ("PDL, 16 rows a block", True, 16))
+    prebuild_rows({rows for _, _, rows in variants})
+    for name, pdl, rows in variants:
         runtime._PDL_DEVICES[cupy.cuda.runtime.getDevice()] = pdl
+        gemv._GEMV_ROWS[("bf16", 1)] = rows
         gen = TextGenerator(model, max_batch=1, max_context=B.CONTEXT + B.NEW + 64)
         gen.generate(prompt, 8, stop_tokens=[])                  # compile, capture the graph
         out = gen.generate(prompt, 32, stop_tokens=[])
