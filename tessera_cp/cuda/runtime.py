@@ -240,13 +240,23 @@ def _compile_log(exc):
     return log.strip() or str(exc)
 
 
-def _kernel(key, label, read_code, name, options, search_dirs):
-    """The kernel ``name`` of the module under ``key``, compiling the module (or rebuilding it) when needed."""
+def _kept_kernel(key, label, name, build):
+    """The kernel ``name`` of the module kept under ``key``; when it is not there yet, ``build(entry)`` (entry: the
+    module's _Entry, None before its first build) compiles what is needed, keeps the module under ``key`` and
+    returns (entry, kernel)."""
     with _lock:
         entry = _modules.get(key)
         kernel = entry.kernels.get(name) if entry is not None else None
-        if kernel is not None:
-            return kernel
+        if kernel is None:
+            entry, kernel = build(entry)
+            entry.kernels[name] = kernel
+            _kernel_names[kernel] = f"{label}:{name}"
+        return kernel
+
+
+def _kernel(key, label, read_code, name, options, search_dirs):
+    """The kernel ``name`` of the module under ``key``, compiling the module (or rebuilding it) when needed."""
+    def build(entry):
         if entry is None:
             code = read_code()
             arch = arch_for(_cupy().cuda.Device().compute_capability)
@@ -267,13 +277,11 @@ def _kernel(key, label, read_code, name, options, search_dirs):
                 entry.names.discard(name)  # the module built before stays in place
                 raise
         try:
-            kernel = entry.module.get_function(name)
+            return entry, entry.module.get_function(name)
         except Exception as e:
             raise CompileError(f"{label}: no kernel {name!r} in the compiled module ({e}); a non-template "
                                'kernel must be declared extern "C"') from None
-        entry.kernels[name] = kernel
-        _kernel_names[kernel] = f"{label}:{name}"
-        return kernel
+    return _kept_kernel(key, label, name, build)
 
 
 def get_kernel(source_file, name, options=()):
@@ -313,11 +321,8 @@ def compile_source(code, name, options=(), filename="<user>"):
 def _cute_kernel(key, label, read_code, name, options, search_dirs):
     """Like _kernel, for a source that includes CuTe/CUTLASS headers."""
     from . import nvrtc_cache
-    with _lock:
-        entry = _modules.get(key)
-        kernel = entry.kernels.get(name) if entry is not None else None
-        if kernel is not None:
-            return kernel
+
+    def build(entry):
         if entry is None:
             code = read_code()
             arch = arch_for(_cupy().cuda.Device().compute_capability)
@@ -333,9 +338,8 @@ def _cute_kernel(key, label, read_code, name, options, search_dirs):
             kernel.kernel  # load the module now, so that a bad binary fails here and warm timings include it
         except Exception as e:
             raise CompileError(f"{label}: no kernel {name!r} in the compiled module ({e})") from None
-        entry.kernels[name] = kernel
-        _kernel_names[kernel] = f"{label}:{name}"
-        return kernel
+        return entry, kernel
+    return _kept_kernel(key, label, name, build)
 
 
 def get_cute_kernel(source_file, name, options=()):
