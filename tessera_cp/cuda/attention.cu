@@ -60,21 +60,17 @@ namespace tessera_attn {
 using tessera::cp_async16;
 using tessera::cp_async_commit;
 using tessera::cp_async_wait;
+using tessera::exp2_approx;
 using tessera::mma;
 using tessera::neg_inf;
 using tessera::smem_addr;
+using tessera::warp_max;
+using tessera::warp_sum;
 
 using tessera::LOG2E;
 using tessera::LN2;
 
 __device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
-
-// 2^x with the hardware approximation (relative error ~2^-22); 2^-inf = 0.
-__device__ __forceinline__ float exp2_approx(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
 
 // ---- storage types ------------------------------------------------------------------------------------------
 template <typename T> struct Pack;
@@ -572,8 +568,7 @@ attn_fwd(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__
             const long long at = (static_cast<long long>(b) * Hq + row_head(row)) * Sq + row_index(row);
             float mx = neg_inf();
             for (int sp = lane; sp < n_splits; sp += 32) mx = fmaxf(mx, __ldcg(lse_part + sp * rows + at));
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+            mx = warp_max(mx);
             float4 out[PER];
 #pragma unroll
             for (int p = 0; p < PER; ++p) out[p] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -598,8 +593,7 @@ attn_fwd(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__
                         }
                     }
                 }
-#pragma unroll
-                for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
+                total = warp_sum(total);
             }
             const float scale_out = total > 0.0f ? 1.0f / total : 0.0f;
 #pragma unroll

@@ -31,6 +31,13 @@ TESSERA_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 TESSERA_DEVICE long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
+// 2^x in one MUFU.EX2 (relative error ~2^-22); 2^-inf = 0, and results below 2^-126 flush to 0 (exp2f adds a
+// range fix-up for those, which no softmax sum (>= 1) or stored probability can tell apart).
+TESSERA_DEVICE float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 
 // ---- programmatic dependent launch (runtime.launch(..., pdl=True); sm_90 and later) -------------------------
 // A kernel launched with it may start while the kernel before it in the stream still runs: whatever it does

@@ -129,11 +129,7 @@ template <int E> __device__ __forceinline__ void load_bf16(const __nv_bfloat16 *
     for (int h = 0; h < E / 8; ++h) bf16x8(load_cached(p + 8 * h), f + 8 * h);
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    return v;
-}
+using tessera::warp_sum;
 
 template <typename T> __device__ __forceinline__ T store_as(float v);
 template <> __device__ __forceinline__ float store_as<float>(float v) { return v; }

@@ -73,6 +73,7 @@ constexpr int MAX_THREADS = 1024;
 constexpr int WARP = 32;
 constexpr int VEC_BYTES = 16;
 constexpr int LOADS_IN_FLIGHT = 4;  // packs each thread loads before using any: memory parallelism for pass 1
+using tessera::exp2_approx;
 using tessera::LOG2E;
 
 // cross_entropy_fwd_cluster: threads per block, and the 16-byte packs of registers each SM gives the rows it holds
@@ -94,13 +95,6 @@ __device__ __forceinline__ float count_scale(float grad_scale, const unsigned lo
     return count ? grad_scale / (float)count : grad_scale;
 }
 __device__ __forceinline__ float exp_(float x) { return exp2f(x * LOG2E); }
-// 2^x in one MUFU.EX2 (exp2f adds a range fix-up for results below 2^-126; those flush to 0 here, which no
-// softmax sum (>= 1) or stored gradient can tell apart).
-__device__ __forceinline__ float ex2_ftz(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
 
 // Two floats rounded to a 2-byte type, as one 32-bit word (.x in the low half): one conversion instruction.
 __device__ __forceinline__ unsigned pair_bits(float a, float b, __nv_bfloat16) {
@@ -270,7 +264,7 @@ __device__ void write_grad_row(const T *x, T *grad, long long n, long long col0,
                 float v[N];
                 p[u].to_float(v);
 #pragma unroll
-                for (int k = 0; k < N; ++k) v[k] = ex2_ftz((v[k] - m) * LOG2E - ls2) * scale - eps_scaled;
+                for (int k = 0; k < N; ++k) v[k] = exp2_approx((v[k] - m) * LOG2E - ls2) * scale - eps_scaled;
                 const long long at = target - col0 - j0;  // the target's place in this pack, if it is in it
                 if (at >= 0 && at < N) {
 #pragma unroll
@@ -445,15 +439,15 @@ cross_entropy_fwd_cluster(const T *logits, const long long *targets, float *loss
     st.m = top;
     if (top != neg_inf()) {  // else every value is -inf (or there is none): s and sum stay 0 (sum: see below)
         float s = 0.0f, sum = 0.0f;
-        if (has_head) { s += ex2_ftz((head_v - top) * LOG2E); sum += head_v; }
-        if (has_tail) { s += ex2_ftz((tail_v - top) * LOG2E); sum += tail_v; }
+        if (has_head) { s += exp2_approx((head_v - top) * LOG2E); sum += head_v; }
+        if (has_tail) { s += exp2_approx((tail_v - top) * LOG2E); sum += tail_v; }
 #pragma unroll
         for (int k = 0; k < PACKS; ++k) {
             if (k < mine) {
                 float v[N];
                 p[k].to_float(v);
 #pragma unroll
-                for (int i = 0; i < N; ++i) { s += ex2_ftz((v[i] - top) * LOG2E); sum += v[i]; }
+                for (int i = 0; i < N; ++i) { s += exp2_approx((v[i] - top) * LOG2E); sum += v[i]; }
             }
         }
         st.s = s;
@@ -510,7 +504,7 @@ cross_entropy_fwd_cluster(const T *logits, const long long *targets, float *loss
                 float v[N];
                 p[k].to_float(v);
 #pragma unroll
-                for (int e = 0; e < N; ++e) v[e] = ex2_ftz((v[e] - m) * LOG2E - ls2) * grad_scale - eps_scaled;
+                for (int e = 0; e < N; ++e) v[e] = exp2_approx((v[e] - m) * LOG2E - ls2) * grad_scale - eps_scaled;
                 if (i == t_pack) {
 #pragma unroll
                     for (int e = 0; e < N; ++e)
@@ -521,12 +515,12 @@ cross_entropy_fwd_cluster(const T *logits, const long long *targets, float *loss
             }
         }
         if (has_head) {
-            const float v = ex2_ftz((head_v - m) * LOG2E - ls2) * grad_scale - eps_scaled;
+            const float v = exp2_approx((head_v - m) * LOG2E - ls2) * grad_scale - eps_scaled;
             g[tid] = from_float<T>(tid == t ? v - hit_scaled : v);
         }
         if (has_tail) {
             const long long j = split.tail_start + tid;
-            const float v = ex2_ftz((tail_v - m) * LOG2E - ls2) * grad_scale - eps_scaled;
+            const float v = exp2_approx((tail_v - m) * LOG2E - ls2) * grad_scale - eps_scaled;
             g[j] = from_float<T>(j == t ? v - hit_scaled : v);
         }
     }

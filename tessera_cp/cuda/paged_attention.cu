@@ -44,9 +44,12 @@ namespace tessera_paged {
 using tessera::cp_async16;
 using tessera::cp_async_commit;
 using tessera::cp_async_wait;
+using tessera::exp2_approx;
 using tessera::mma;
 using tessera::neg_inf;
 using tessera::smem_addr;
+using tessera::warp_max;
+using tessera::warp_sum;
 
 using tessera::LOG2E;
 using tessera::LN2;
@@ -55,24 +58,6 @@ constexpr int SPAD = 4;             // floats of padding per row of S
 constexpr int COMBINE_WARPS = 8;
 constexpr int MAX_SPLITS = 256;     // the launcher never asks for more
 
-
-// 2^x with the hardware approximation; 2^-inf = 0.
-__device__ __forceinline__ float exp2_approx(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-    return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    return v;
-}
 
 template <typename T> struct Num;
 template <> struct Num<__nv_bfloat16> {
