@@ -32,6 +32,7 @@ import ml_dtypes  # noqa: E402
 
 import tessera_cp as tc  # noqa: E402
 from tessera_cp import dtypes  # noqa: E402
+from tessera_cp.cuda import runtime  # noqa: E402
 from tessera_cp.models import gemv  # noqa: E402
 from tessera_cp.nn import casted  # noqa: E402
 
@@ -342,7 +343,7 @@ def main():
     args = ap.parse_args()
     _log_file.append(open(os.path.join(args.out, "tune_gemv.log"), "w"))
     results = {"device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(), "gemv": [], "llama": {}}
-    log(f"device {results['device']}, SMs {casted._sm_count(cupy)}")
+    log(f"device {results['device']}, SMs {runtime.device_attribute(runtime.SM_COUNT)}")
     t_start = time.time()
     rng = numpy.random.default_rng(int(time.time()))
     failures = {p: run_checks(p, rng) for p in ("mma", "rows", "rows4")}
@@ -358,7 +359,7 @@ def main():
                 continue   # one copy is already cold
             ws8, nbytes = weight_copies(N, K, True, cold)
             wsb, _ = weight_copies(N, K, False, cold)
-            plan = casted.gemv_plan(N, K, 1, 0, casted._sm_count(cupy))
+            plan = casted.gemv_plan(N, K, 1, 0, runtime.device_attribute(runtime.SM_COUNT))
             for B in (1, 2, 4, 8, 16):
                 row = {"shape": f"int8 {N}x{K}", "B": B, "cold": cold, "bytes": nbytes, "plan": plan,
                        "cublas_us": bench_cublas(B, N, K, wsb) * 1e3,
@@ -383,7 +384,7 @@ def main():
             for B in (1, 16):
                 row = {"shape": f"{name} {'int8' if int8 else 'bf16'} {N}x{K}", "B": B, "cold": True,
                        "bytes": nbytes, "cublas_us": bench_cublas(B, N, K, wsb) * 1e3,
-                       "plan": casted.gemv_plan(N, K, 1 if int8 else 2, pro, casted._sm_count(cupy))}
+                       "plan": casted.gemv_plan(N, K, 1 if int8 else 2, pro, runtime.device_attribute(runtime.SM_COUNT))}
                 for path in paths:
                     if path == "rows4" and B != 1:
                         row[path] = row["rows"]

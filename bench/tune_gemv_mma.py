@@ -235,7 +235,7 @@ def time_shape(N, K, results, torch_ok):
     wsb = weight_copies(N, K, False) if torch_ok else None
     rng = numpy.random.default_rng(7)
     scale = cupy.asarray((rng.random(N) * 0.02 + 0.001).astype(numpy.float32))
-    plan = casted.gemv_plan(N, K, 1, 0, casted._sm_count(cupy))
+    plan = casted.gemv_plan(N, K, 1, 0, runtime.device_attribute(runtime.SM_COUNT))
     log(f"shape {N}x{K}: plan (KS, S) = {plan}, {len(ws8)} int8 weight copies")
     rows = []
     for B in ROWS:
@@ -295,7 +295,7 @@ def main():
     _log_file.append(open(os.path.join(args.out, "tune_gemv_mma.log"), "w"))
     t0 = time.time()
     results = {"device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(), "timings": []}
-    log(f"device {results['device']}, SMs {casted._sm_count(cupy)}")
+    log(f"device {results['device']}, SMs {runtime.device_attribute(runtime.SM_COUNT)}")
     prebuild()
     rng = numpy.random.default_rng(int(time.time()))
     results["failures"] = check_all(rng)

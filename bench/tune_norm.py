@@ -141,8 +141,8 @@ def check(y, x, w, eps):
 
 # ------------------------------------------------------------------------------------------ variants
 SRC = (HERE / "tune_norm_variants.cu").read_text()
-SM = cp.cuda.runtime.deviceGetAttribute(norm.CUDA_ATTR_SM_COUNT, 0)
-SMEM_SM = cp.cuda.runtime.deviceGetAttribute(norm.CUDA_ATTR_SMEM_PER_SM, 0)
+SM = runtime.device_attribute(runtime.SM_COUNT, 0)
+SMEM_SM = runtime.device_attribute(runtime.SMEM_PER_SM, 0)
 # (label, kind, NV, stages, PF, CS, waves of persistent blocks); bulk last: a wait that never ends would hang
 VARIANTS = [("ring S5 x2", "ring", 1, 5, 0, 0, 2), ("ring S5 x4", "ring", 1, 5, 0, 0, 4),
             ("ring S3 x2", "ring", 1, 3, 0, 0, 2), ("ring S5 pf1 cs1 x2", "ring", 1, 5, 1, 1, 2),

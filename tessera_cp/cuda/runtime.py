@@ -424,6 +424,26 @@ def _launch_failed(kernel, grid, block, shared_mem, error):
                         f"shared_mem {shared_mem}): {error}")
 
 
+# cudaDeviceAttr values the launchers size their grids by
+SM_COUNT, SMEM_PER_SM, CC_MAJOR, CC_MINOR = 16, 81, 75, 76
+_device_attributes = {}   # (device id, attribute) -> value
+
+
+def device_attribute(attribute, device=None):
+    """cudaDeviceGetAttribute of ``device`` (default: the current one), asked once per (device, attribute)."""
+    cupy = _cupy()
+    device = cupy.cuda.runtime.getDevice() if device is None else device
+    value = _device_attributes.get((device, attribute))
+    if value is None:
+        value = _device_attributes[(device, attribute)] = cupy.cuda.runtime.deviceGetAttribute(attribute, device)
+    return value
+
+
+def compute_capability(device=None):
+    """The compute capability of ``device`` (default: the current one) as an int: 90 on an H100."""
+    return 10 * device_attribute(CC_MAJOR, device) + device_attribute(CC_MINOR, device)
+
+
 _PDL_DEVICES = {}   # device id -> compute capability >= 9.0 and TESSERA_PDL is not "0"
 
 
@@ -434,8 +454,7 @@ def pdl_while_capturing():
     cupy = _cupy()
     device = cupy.cuda.runtime.getDevice()
     if device not in _PDL_DEVICES:
-        _PDL_DEVICES[device] = int(cupy.cuda.Device(device).compute_capability) >= 90 and \
-            os.environ.get("TESSERA_PDL", "1") != "0"
+        _PDL_DEVICES[device] = compute_capability(device) >= 90 and os.environ.get("TESSERA_PDL", "1") != "0"
     return _PDL_DEVICES[device] and cupy.cuda.get_current_stream().is_capturing()
 
 

@@ -247,7 +247,8 @@ def _device_info(xp):
     dev = xp.cuda.runtime.getDevice()
     info = _per_device.get(dev)
     if info is None:
-        sms = xp.cuda.runtime.deviceGetAttribute(16, dev)  # cudaDevAttrMultiProcessorCount
+        from ..cuda import runtime
+        sms = runtime.device_attribute(runtime.SM_COUNT, dev)
         with xp.cuda.Device(dev):
             dummy_f, dummy_b = xp.zeros(1, dtype=xp.float32), xp.zeros(1, dtype=xp.uint8)
             dummy_i = xp.zeros(1, dtype=xp.int32)

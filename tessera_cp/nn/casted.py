@@ -164,9 +164,6 @@ def _int8_matmul_reference(a, b):
     return acc.astype(numpy.int64).astype(numpy.int32)
 
 
-_compute_capability = {}
-
-
 _cutlass_found = []
 
 
@@ -175,10 +172,7 @@ def sm90_supported(array):
     xp = backend.array_module(array)
     if not hasattr(xp, "cuda"):
         return False
-    device = xp.cuda.Device()
-    if device.id not in _compute_capability:
-        _compute_capability[device.id] = int(device.compute_capability)
-    if _compute_capability[device.id] // 10 != 9:
+    if _runtime().compute_capability() // 10 != 9:
         return False
     if not _cutlass_found:
         from ..cuda import nvrtc_cache
@@ -194,7 +188,7 @@ def _default_gemm(array):
         return "mma"
     if sm90_supported(array):
         return "sm90"
-    return "mma" if _compute_capability[xp.cuda.Device().id] >= 80 else "dp4a"
+    return "mma" if _runtime().compute_capability() >= 80 else "dp4a"
 
 
 _sm90_plans = {}   # (config, M, N, K, SMs, device) -> (grid, block, shared bytes), read back once per shape
@@ -218,7 +212,7 @@ def _sm90_gemm(config, a, b, m, n, d, a_scale=None, b_scale=None):
     ta = tma.encode_tiled(a.view(numpy.uint8).reshape(1, m, k), (1, SM90_BOX_A_ROWS, SM90_BOX_K), swizzle=128)
     tb = tma.encode_tiled(b.view(numpy.uint8).reshape(1, n, k), (1, SM90_TILE_N[config] // 2, SM90_BOX_K),
                           swizzle=128)
-    sms = _sm_count(xp)
+    sms = runtime.device_attribute(runtime.SM_COUNT)
     params = xp.empty((SM90_PARAMS_BYTES,), dtype=numpy.uint8)
     info = xp.empty((SM90_INFO_INTS,), dtype=numpy.int32)
     null = numpy.uint64(0)
@@ -423,16 +417,8 @@ def w8a8_linear(x2, weight, w_scale, bias=None, out_storage=None, gemm="auto", w
     return _epilogue_reference(_int8_matmul_reference(q, weight), xs, w_scale, bias, out_storage)
 
 
-_sm_counts = {}
 _gemv_workspaces = {}     # (device, stream) -> (partial sums float32, counters int32), grown on demand
 _gemv_retired = []        # outgrown workspaces: a captured CUDA graph may still point at them
-
-
-def _sm_count(xp):
-    dev = xp.cuda.Device().id
-    if dev not in _sm_counts:
-        _sm_counts[dev] = xp.cuda.runtime.deviceGetAttribute(16, dev)  # cudaDevAttrMultiProcessorCount
-    return _sm_counts[dev]
 
 
 def gemv_plan(n, k, weight_itemsize, prologue, sms, blocks_per_sm=None):
@@ -542,7 +528,7 @@ def gemv_mma(x, weight, out, scale=None, bias=None, norm=None, eps=1e-6, swiglu=
     if N == 0:
         return out
     pro = 2 if swiglu else (1 if norm is not None else 0)
-    ks, S = splits or gemv_plan(N, K, weight.dtype.itemsize, pro, _sm_count(xp))
+    ks, S = splits or gemv_plan(N, K, weight.dtype.itemsize, pro, runtime.device_attribute(runtime.SM_COUNT))
     groups = -(-N // GEMV_BLOCK_ROWS)
     part, counters = _gemv_workspace(xp, groups * S * GEMV_TILE_FLOATS if S > 1 else 1, groups)
     xt = _GEMV_X[numpy.dtype(x.dtype)]

@@ -66,16 +66,6 @@ def _alloc(xp, shape, dtype):
     return xp.empty(shape, dtype=dtype)
 
 
-_sm_counts = {}
-
-
-def _sm_count(xp):
-    dev = xp.cuda.runtime.getDevice()
-    if dev not in _sm_counts:
-        _sm_counts[dev] = xp.cuda.runtime.deviceGetAttribute(16, dev)  # cudaDevAttrMultiProcessorCount
-    return _sm_counts[dev]
-
-
 def _rows_ok(a):
     """Rows of a 4-D cache the kernel can read: unit stride along D, 16-byte aligned row starts."""
     item = a.dtype.itemsize
@@ -99,7 +89,8 @@ def _num_splits(xp, work_blocks, max_len, bn, blocks_per_sm):
     """Splits over keys: enough blocks to fill the GPU once, and no split much longer than _SPLIT_KEYS keys (so a
     batch of mixed lengths balances); returns (n_splits, keys per split, a multiple of bn)."""
     max_len = max(int(max_len), 1)
-    slots = _sm_count(xp) * blocks_per_sm
+    from ..cuda import runtime
+    slots = runtime.device_attribute(runtime.SM_COUNT) * blocks_per_sm
     fill = max(1, slots // work_blocks)
     n = max(fill, -(-max_len // _SPLIT_KEYS))
     return _split_sizes(max_len, n, bn)

@@ -98,17 +98,10 @@ def _kernel_for(x, name, dtype=None, *params):
     return found
 
 
-_CLUSTER_DEVICES = {}  # device id -> whether it runs thread-block clusters
-
-
 def _has_clusters(x):
     """Whether x lives on a GPU with thread-block clusters (compute capability 9.0 or newer)."""
-    if not backend.is_cupy_array(x):
-        return False
-    device = x.device
-    if device.id not in _CLUSTER_DEVICES:
-        _CLUSTER_DEVICES[device.id] = int(device.compute_capability) >= 90
-    return _CLUSTER_DEVICES[device.id]
+    from ..cuda import runtime
+    return backend.is_cupy_array(x) and runtime.compute_capability(x.device.id) >= 90
 
 
 def _cluster_blocks(packs, per_thread):

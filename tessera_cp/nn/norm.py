@@ -26,8 +26,6 @@ _KERNEL_TYPES = {numpy.dtype(numpy.float32): "float", numpy.dtype(numpy.float16)
 WARP_ROWS_PER_BLOCK = 4    # rows per block when a warp owns a row
 REDUCE_COLS, REDUCE_SLICES = 32, 32   # rms_norm_dw_reduce's block (norm.cu's constants)
 ASYNC_STAGES = 5           # rows the NV-1 forward stages per thread in shared memory (norm.cu's)
-CUDA_ATTR_SM_COUNT = 16     # cudaDevAttrMultiProcessorCount
-CUDA_ATTR_SMEM_PER_SM = 81  # cudaDevAttrMaxSharedMemoryPerMultiprocessor
 
 
 # ------------------------------------------------------------------------------------------ dispatch helpers
@@ -136,9 +134,7 @@ def _row_plan(xp, kind, x_dtype, w_dtype, D, vec):
     # The forward stages 16-byte vectors in shared memory when NV is 1 (norm.cu's ASYNC_STAGES ring).
     async_ring = kind == "rms_norm_fwd" and nv == 1 and vec * numpy.dtype(x_dtype).itemsize == 16
     smem = ASYNC_STAGES * threads * rows_per_block * 16 if async_ring else 0
-    device = xp.cuda.runtime.getDevice()
-    sm_count = xp.cuda.runtime.deviceGetAttribute(CUDA_ATTR_SM_COUNT, device)
-    smem_per_sm = xp.cuda.runtime.deviceGetAttribute(CUDA_ATTR_SMEM_PER_SM, device)
+    sm_count, smem_per_sm = runtime.device_attribute(runtime.SM_COUNT), runtime.device_attribute(runtime.SMEM_PER_SM)
     max_grid = sm_count * _resident_blocks(kernels[nv], threads * rows_per_block, smem, smem_per_sm)
     return kernels[nv], block, max_grid, smem
 
