@@ -175,6 +175,30 @@ def test_launch_planned_in_sync_mode_is_launch_with_its_checks(monkeypatch):
         runtime.launch_planned(object(), (1, 1, 1), (32, 1, 1), (None, 3))
 
 
+def test_device_attributes_are_asked_once_and_give_the_compute_capability(monkeypatch):
+    asked = []
+
+    class FakeRuntime:
+        @staticmethod
+        def getDevice():
+            return 1
+
+        @staticmethod
+        def deviceGetAttribute(attribute, device):
+            asked.append((attribute, device))
+            return {runtime.CC_MAJOR: 9, runtime.CC_MINOR: 0, runtime.SM_COUNT: 132}[attribute]
+
+    class FakeCupy:
+        class cuda:
+            runtime = FakeRuntime
+
+    monkeypatch.setattr(runtime, "_cupy", lambda: FakeCupy)
+    monkeypatch.setattr(runtime, "_device_attributes", {})
+    assert runtime.compute_capability() == 90 and runtime.compute_capability(1) == 90
+    assert runtime.device_attribute(runtime.SM_COUNT) == 132 == runtime.device_attribute(runtime.SM_COUNT, 1)
+    assert sorted(asked) == sorted([(runtime.CC_MAJOR, 1), (runtime.CC_MINOR, 1), (runtime.SM_COUNT, 1)])
+
+
 # ---- GPU ---------------------------------------------------------------------------------------------------
 
 AXPY = r"""
