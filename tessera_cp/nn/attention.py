@@ -39,6 +39,7 @@ import numpy
 
 from .. import backend, dtypes
 from ..autograd import Function, is_grad_enabled
+from ..cuda import runtime
 from ..errors import DeviceError, DTypeError, ShapeError, TesseraError
 from ..precision import accumulate_storage
 from ..tensor import Generator, Tensor, cat, randint, tensor, where
@@ -247,7 +248,6 @@ def _device_info(xp):
     dev = xp.cuda.runtime.getDevice()
     info = _per_device.get(dev)
     if info is None:
-        from ..cuda import runtime
         sms = runtime.device_attribute(runtime.SM_COUNT, dev)
         with xp.cuda.Device(dev):
             dummy_f, dummy_b = xp.zeros(1, dtype=xp.float32), xp.zeros(1, dtype=xp.uint8)
@@ -286,7 +286,6 @@ _kernels = {}  # (source, name, device id) -> kernel: a dict lookup per launch i
 
 
 def _kernel(source, name):
-    from ..cuda import runtime
     import cupy
     key = (source, name, cupy.cuda.runtime.getDevice())
     kernel = _kernels.get(key)
@@ -305,7 +304,6 @@ def _launch(kernel, grid, block, args, shared_mem=0):
     A kernel object serves one device (see _kernel), so its Function is fixed. grid and block are tuples."""
     seen = _launched.get(kernel)
     if seen is None or seen[0] != shared_mem or os.environ.get("TESSERA_SYNC"):
-        from ..cuda import runtime
         runtime.launch(kernel, grid, block, args, shared_mem=shared_mem)
         _launched[kernel] = (shared_mem, getattr(kernel, "kernel", kernel))
     else:
@@ -439,7 +437,7 @@ def _forward_plan(q, k, v, mask, slopes, scale, causal, drop=None):
             (B, Hq, Sq), (q2, k2, v2) if copied else None, not copied, raw)
 
 
-_bwd_plans = {}  # unmasked backward: (shapes, strides, dtype, scale, causal, device) -> _backward_plan(...)
+_bwd_plans = runtime.LaunchPlans()  # unmasked backward: (shapes, strides, dtype, scale, causal, device) -> plan
 
 
 def _backward_kernel(grad, q, k, v, out, lse, mask, slopes, scale, causal, drop=None):
@@ -453,11 +451,7 @@ def _backward_kernel(grad, q, k, v, out, lse, mask, slopes, scale, causal, drop=
     if mask is None and slopes is None and drop is None:
         key = (q.shape, k.shape, q.strides, k.strides, v.strides, q.dtype, scale, causal,
                xp.cuda.runtime.getDevice())
-        plan = _bwd_plans.get(key)
-        if plan is None:
-            if len(_bwd_plans) > 1024:
-                _bwd_plans.clear()
-            plan = _bwd_plans[key] = _backward_plan(q, k, q_st, k_st, v_st, None, None, scale, causal)
+        plan = _bwd_plans.get(key, lambda: _backward_plan(q, k, q_st, k_st, v_st, None, None, scale, causal))
     else:
         plan = _backward_plan(q, k, q_st, k_st, v_st, mask, slopes, scale, causal, drop)
     (dot, dot_grid, dot_tail), (dq_kernel, dq_grid, dq_block, dq_smem), (kv_kernel, kv_grid, kv_block, kv_smem), \

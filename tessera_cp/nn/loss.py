@@ -33,6 +33,7 @@ import numpy
 
 from .. import autograd, backend, dtypes
 from ..autograd import Function
+from ..cuda import runtime
 from ..errors import DeviceError, DTypeError, IndexOutOfRangeError, ShapeError, TesseraError
 from ..functions.matmul import gemm, matmul
 from ..precision import accumulate_storage, compute_dtype
@@ -77,7 +78,6 @@ def _threads(n_cols, itemsize):
 
 def _kernel(name, dtype=None, *params):
     """(runtime, kernel) of loss.cu: the plain name, or the template instantiated for dtype (and params)."""
-    from ..cuda import runtime
     if dtype is None:
         return runtime, runtime.get_kernel("loss.cu", name)
     args = ", ".join((_CTYPES[numpy.dtype(dtype)],) + tuple(str(p) for p in params))
@@ -100,7 +100,6 @@ def _kernel_for(x, name, dtype=None, *params):
 
 def _has_clusters(x):
     """Whether x lives on a GPU with thread-block clusters (compute capability 9.0 or newer)."""
-    from ..cuda import runtime
     return backend.is_cupy_array(x) and runtime.compute_capability(x.device.id) >= 90
 
 
@@ -132,19 +131,20 @@ def _cluster_shape(x, grad):
     return 0, 0
 
 
-_FORWARD_PLANS = {}  # (shape, dtype, device, gradient and its alignment, forced choice) -> the launch
+_FORWARD_PLANS = runtime.LaunchPlans()  # (shape, dtype, device, gradient alignment, forced choice) -> launch
 
 
 def _forward_plan(x, grad, cluster=None, packs=None):
     """(runtime, kernel, grid, block) of the forward kernel for x [N, V] and grad; on a GPU kept per shape, dtype,
     device and alignment, so that a repeated call (a training loop) skips the choice and the lookups."""
-    key = None
-    if backend.is_cupy_array(x):
-        alignment = -1 if grad is None else (grad.data.ptr - x.data.ptr) % 16
-        key = (x.shape, x.dtype, x.device.id, alignment, cluster, packs)
-        plan = _FORWARD_PLANS.get(key)
-        if plan is not None:
-            return plan
+    if not backend.is_cupy_array(x):
+        return _build_forward_plan(x, grad, cluster, packs)
+    alignment = -1 if grad is None else (grad.data.ptr - x.data.ptr) % 16
+    key = (x.shape, x.dtype, x.device.id, alignment, cluster, packs)
+    return _FORWARD_PLANS.get(key, lambda: _build_forward_plan(x, grad, cluster, packs))
+
+
+def _build_forward_plan(x, grad, cluster, packs):
     n, v = x.shape
     if cluster is None:
         cluster, packs = _cluster_shape(x, grad)
@@ -153,13 +153,9 @@ def _forward_plan(x, grad, cluster=None, packs=None):
                      CLUSTER_PACKS[-1])
     if cluster:
         runtime, kernel = _kernel("cross_entropy_fwd_cluster", x.dtype, cluster, packs)
-        plan = (runtime, kernel, _grid(n * cluster), (CLUSTER_THREADS,))
-    else:
-        runtime, kernel = _kernel("cross_entropy_fwd", x.dtype)
-        plan = (runtime, kernel, _grid(n), (_threads(v, x.itemsize),))
-    if key is not None:
-        _FORWARD_PLANS[key] = plan
-    return plan
+        return runtime, kernel, _grid(n * cluster), (CLUSTER_THREADS,)
+    runtime, kernel = _kernel("cross_entropy_fwd", x.dtype)
+    return runtime, kernel, _grid(n), (_threads(v, x.itemsize),)
 
 
 _NO_CHECK = {}  # device id -> a device array (0, 0)

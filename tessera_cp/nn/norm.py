@@ -122,7 +122,7 @@ def _persistent_grid(units, max_grid):
     return -(-units // waves)
 
 
-_plans = {}   # see _row_plan
+_plans = runtime.LaunchPlans()   # see _row_plan
 
 
 def _row_plan(xp, kind, x_dtype, w_dtype, D, vec):
@@ -144,11 +144,8 @@ def _plan(xp, kind, x, weight, D, arrays):
     a launch then costs a dictionary look-up on top of CuPy's."""
     key = (kind, x.dtype, weight.dtype, D, _or_pointers(arrays) & 15, weight.data.ptr & 31,
            xp.cuda.runtime.getDevice())
-    plan = _plans.get(key)
-    if plan is None:
-        vec = _vector_width(x.dtype.itemsize, D, (*arrays, weight))
-        plan = _plans[key] = _row_plan(xp, kind, x.dtype, weight.dtype, D, vec)
-    return plan
+    return _plans.get(key, lambda: _row_plan(xp, kind, x.dtype, weight.dtype, D,
+                                             _vector_width(x.dtype.itemsize, D, (*arrays, weight))))
 
 
 def _or_pointers(arrays):
