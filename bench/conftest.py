@@ -16,6 +16,12 @@ _rows = []
 
 def time_cuda(fn, warmup=10, repeat=50, min_ms=200.0):
     """Median milliseconds of fn() timed with CUDA events (each run timed alone, after warm-up)."""
+    return statistics.median(cuda_timings(fn, warmup, repeat, min_ms))
+
+
+def cuda_timings(fn, warmup=10, repeat=50, min_ms=200.0):
+    """Milliseconds of each of at least ``repeat`` calls of fn() (more until ``min_ms`` in all, at most 10x),
+    each between two CUDA events, after ``warmup`` calls."""
     import cupy
     for _ in range(warmup):
         fn()
@@ -31,7 +37,7 @@ def time_cuda(fn, warmup=10, repeat=50, min_ms=200.0):
         ms = cupy.cuda.get_elapsed_time(start, stop)
         times.append(ms)
         total += ms
-    return statistics.median(times)
+    return times
 
 
 def _rate(ms, nbytes, flops):

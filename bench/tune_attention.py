@@ -30,6 +30,8 @@ import numpy
 
 import tessera_cp as tc
 
+import bench_attention  # bench/, the script's folder, is on sys.path
+
 A = importlib.import_module("tessera_cp.nn.attention")
 COPY_GBS = float(os.environ.get("TESSERA_COPY_CEILING_GBS", "3000"))
 LINES = []
@@ -58,34 +60,7 @@ def event_ms(fn, warmup=5, reps=30, min_ms=150.0):
     return statistics.median(times)
 
 
-def sdpa(q, k, v, causal, backend, dropout_p=0.0, grad=None):
-    """torch SDPA on the same data with one backend (None if torch or the backend refuses)."""
-    try:
-        import torch
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        from torch.nn.functional import scaled_dot_product_attention as f
-    except ImportError:
-        return None
-    which = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
-    qt, kt, vt = (torch.from_dlpack(x.data) for x in (q, k, v))
-    gqa = qt.shape[1] != kt.shape[1]
-    if grad is not None:
-        qt, kt, vt = (x.detach().requires_grad_(True) for x in (qt, kt, vt))
-        gt = torch.from_dlpack(grad.data)
-
-    def run():
-        with sdpa_kernel(which):
-            out = f(qt, kt, vt, is_causal=causal, dropout_p=dropout_p, enable_gqa=gqa)
-            if grad is not None:
-                out.backward(gt)
-        return out
-    try:
-        run()
-        torch.cuda.synchronize()
-    except Exception as e:  # noqa: BLE001 - left out of the table, said why
-        say(f"  torch SDPA {backend} (dropout {dropout_p}) unavailable: {type(e).__name__}: {str(e)[:120]}")
-        return None
-    return run
+sdpa = bench_attention._sdpa   # torch SDPA with one backend on the same data (None when it refuses)
 
 
 def _torch():

@@ -39,6 +39,8 @@ from tessera_cp import dtypes
 from tessera_cp.cuda import runtime
 from tessera_cp.nn import loss as L
 
+from conftest import cuda_timings  # bench/, the script's folder, is on sys.path
+
 OUT = os.environ.get("OUT", "")
 BF16 = dtypes.bf16.storage
 GIB = 2 ** 30
@@ -50,20 +52,8 @@ def log(*args):
 
 
 def time_cuda(fn, warmup=10, repeat=50, min_ms=100.0):
-    """Median milliseconds of fn() over CUDA-event timings of single calls, after warm-up."""
-    for _ in range(warmup):
-        fn()
-    cupy.cuda.get_current_stream().synchronize()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    times, total = [], 0.0
-    while len(times) < repeat or (total < min_ms and len(times) < 10 * repeat):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        ms = cupy.cuda.get_elapsed_time(start, stop)
-        times.append(ms)
-        total += ms
+    """(median, min, max) milliseconds of fn() over CUDA-event timings of single calls (conftest's), after warm-up."""
+    times = cuda_timings(fn, warmup, repeat, min_ms)
     return statistics.median(times), min(times), max(times)
 
 
