@@ -5,7 +5,8 @@ greedy tokens of both must match, then each graph is timed in alternating rounds
 
 Timings: "stream" = CUDA events around 20 back-to-back replays; "single" = events around one replay (as
 bench/conftest.py times it, with the 4-byte position reset before it); "host" = the Python time of one reset and
-replay. With ``--profile`` (under nsys) only the plain graph is built and replayed 20 times, for the kernel table.
+replay. With ``--kernels`` only the plain graph is built and replayed 20 times under torch's profiler (CUPTI; the
+lent machine has no nsys), which prints each kernel's time per step.
 
 H100, 2026-11-25 (stream / single / host us): plain 1187.0 / 1353.8 / 44.7; programmatic 1150.6 / 1304.5 / 38.7;
 programmatic with gemv_rows prefetching its weights into L2 before pdl_wait() 1174.8 / 1350.4 / 47.8 (dropped).
@@ -50,9 +51,9 @@ def main():
     nbytes = B._weight_bytes(model) + B._kv_bytes(config, B.CONTEXT + 1)
     steps, tokens = {}, {}
     # (name, programmatic launches, rows of W per gemv_rows block for bf16 weights and one row of x)
-    variants = (("plain launches", False, 8),) if "--profile" in sys.argv else \
-        (("plain launches", False, 8), ("programmatic (PDL)", True, 8), ("PDL, 4 rows a block", True, 4),
-         ("PDL, 16 rows a block", True, 16))
+    variants = (("plain launches", False, 4),) if "--kernels" in sys.argv else \
+        (("plain launches", False, 4), ("programmatic (PDL), 8 rows a block", True, 8),
+         ("PDL, 4 rows a block (default)", True, 4), ("PDL, 16 rows a block", True, 16))
     prebuild_rows({rows for _, _, rows in variants})
     for name, pdl, rows in variants:
         runtime._PDL_DEVICES[cupy.cuda.runtime.getDevice()] = pdl
@@ -70,11 +71,8 @@ def main():
             graph.launch()
         steps[name] = step
         gen.stream.synchronize()
-    if "--profile" in sys.argv:
-        for _ in range(20):
-            steps["plain launches"]()
-        cupy.cuda.get_current_stream().synchronize()
-        return
+    if "--kernels" in sys.argv:
+        return kernel_table(steps["plain launches"], replays=20)
     first = next(iter(tokens.values()))
     print("greedy tokens identical:", all(t == first for t in tokens.values()), flush=True)
     rows = {name: ([], [], []) for name in steps}
@@ -93,6 +91,31 @@ def main():
     for name, (st, si, host) in rows.items():
         st, si = min(st), min(si)
         print(f"{name:36s} {st:10.1f} {si:10.1f} {min(host):8.1f} {nbytes / si / 1e3 / 3000:9.1%}")
+
+
+def kernel_table(step, replays):
+    """Each kernel's GPU time per decode step (CUPTI through torch.profiler), the largest first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    cupy.cuda.get_current_stream().synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            step()
+        cupy.cuda.get_current_stream().synchronize()
+        torch.cuda.synchronize()
+    totals, kernels = {}, [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    for e in kernels:
+        name = e.name.split("(")[0][:70]
+        count, us = totals.get(name, (0, 0.0))
+        totals[name] = (count + 1, us + e.time_range.elapsed_us())
+    step_us = sum(us for _, us in totals.values()) / replays
+    span_us = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / replays
+    print(f"\n{'kernel (plain launches)':72s} {'calls':>6s} {'us/step':>8s} {'us/call':>8s}")
+    for name, (count, us) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+        print(f"{name:72s} {count // replays:6d} {us / replays:8.1f} {us / count:8.2f}")
+    print(f"{'sum of kernel times per step':72s} {'':6s} {step_us:8.1f}")
+    print(f"{'first kernel start to last kernel end, per step (replays back to back)':72s} {'':6s} {span_us:8.1f}")
 
 
 if __name__ == "__main__":

@@ -97,15 +97,17 @@ def random_bf16(shape, seed):
 def host_timeline(step, calls=40):
     """Median microseconds from a call's start to each kernel launch it makes, and to its return (the GPU idle
     before each call: synchronised), as [(kernel, us)]."""
-    real, marks = runtime.launch, []
+    real, real_planned, marks = runtime.launch, runtime.launch_planned, []
     names = getattr(runtime, "_kernel_names", {})
 
-    def traced(kernel, *args, **kwargs):
-        marks.append((names.get(kernel, "?").split(":")[-1].split("<")[0], time.perf_counter()))
-        return real(kernel, *args, **kwargs)
+    def tracer(launcher):
+        def traced(kernel, *args, **kwargs):
+            marks.append((names.get(kernel, "?").split(":")[-1].split("<")[0], time.perf_counter()))
+            return launcher(kernel, *args, **kwargs)
+        return traced
 
     runs = []
-    runtime.launch = traced
+    runtime.launch, runtime.launch_planned = tracer(real), tracer(real_planned)
     try:
         for _ in range(calls):
             cupy.cuda.get_current_stream().synchronize()
@@ -115,9 +117,33 @@ def host_timeline(step, calls=40):
             t1 = time.perf_counter()
             runs.append([(k, (t - t0) * 1e6) for k, t in marks] + [("(return)", (t1 - t0) * 1e6)])
     finally:
-        runtime.launch = real
+        runtime.launch, runtime.launch_planned = real, real_planned
     cupy.cuda.get_current_stream().synchronize()
     return [(runs[0][i][0], statistics.median(r[i][1] for r in runs)) for i in range(len(runs[0]))]
+
+
+def device_timeline(step, calls=5):
+    """What the GPU ran during the last of ``calls`` synchronised calls (CUPTI through torch.profiler): each kernel
+    and copy as (name, start us, duration us), the start counted from the first one's."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            cupy.cuda.get_current_stream().synchronize()
+            time.sleep(0.01)  # an idle gap that marks where a call starts
+            step()
+            cupy.cuda.get_current_stream().synchronize()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    last, latest_end = [], None
+    for e in events:  # the last call: the events after the last idle gap of over 5 ms
+        if latest_end is not None and e.time_range.start - latest_end > 5000:
+            last = []
+        last.append(e)
+        latest_end = max(latest_end or 0, e.time_range.end)
+    t0 = last[0].time_range.start
+    return [(e.name.split("(")[0][:48], e.time_range.start - t0, e.time_range.elapsed_us()) for e in last]
 
 
 def profile_calls(step, calls=200, top=18):
@@ -250,6 +276,11 @@ def ce_section():
     for label, step in (("op fwd + node backward", op_step), ("host count first (previous)", count_first_step)):
         marks = host_timeline(step)
         log(f"host     {label:<30} " + "  ".join(f"{k} +{us:.0f} us" for k, us in marks))
+    try:
+        for name, start, dur in device_timeline(op_step):
+            log(f"device   {name:<48} start +{start:8.1f} us  lasts {dur:8.1f} us")
+    except Exception as e:  # torch missing or CUPTI unavailable: the rest still runs
+        log(f"device timeline FAILED: {type(e).__name__}: {e}")
     text = profile_calls(op_step)
     log("cProfile of 200 calls of stable_cross_entropy fwd + node backward (synchronised between calls):")
     log("\n".join(text.strip().splitlines()[:40]))

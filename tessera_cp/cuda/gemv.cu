@@ -47,19 +47,21 @@
 //     predicated loads; the upper 8 rows are not loaded at all when B <= 8); W as a base plus offsets.
 // rope_append (bf16): RoPE of the new token's q and k heads (half-split layout, f32 cos/sin tables [P, D/2]) at
 //   position pos[b], q written to q_out [B, Hq, D]; k and v stored into the paged cache at that position (block
-//   table[b, pos >> log2_block], row pos & (block - 1)); lens[b] = pos[b] + 1. Grid B, any block size.
+//   table[b, pos >> log2_block], row pos & (block - 1)); lens[b] = pos[b] + 1. One thread per (head, pair of
+//   columns): grid B x ceil((Hq + 2 Hkv) D/2 / blockDim.x) (one block per row looped over 1280 of them at TinyLlama's
+//   shape, a chain of dependent round trips that took 4.2 us a step).
 // argmax_rows: tokens[b] = argmax over V of logits[b] (float; the first index among equal maxima; NaN ignored).
 // embed_rows (bf16): out[b] = table[tokens[b]] (rows of H elements, H % 8 == 0, 16-byte copies).
 // gemv_rows, rope_append, argmax_rows and embed_rows may be launched programmatically (common.cuh's pdl_wait:
 // models/gemv.py does while a decode step is captured as a CUDA graph).
 //
-// tessera-instantiate: gemv_rows<__nv_bfloat16, __nv_bfloat16, 0, 1, 8>; gemv_rows<__nv_bfloat16, __nv_bfloat16, 1, 1, 8>; gemv_rows<__nv_bfloat16, __nv_bfloat16, 2, 1, 8>
+// tessera-instantiate: gemv_rows<__nv_bfloat16, __nv_bfloat16, 0, 1, 4>; gemv_rows<__nv_bfloat16, __nv_bfloat16, 1, 1, 4>; gemv_rows<__nv_bfloat16, __nv_bfloat16, 2, 1, 4>
 // tessera-instantiate: gemv_rows<__nv_bfloat16, __nv_bfloat16, 0, 4, 8>; gemv_rows<__nv_bfloat16, __nv_bfloat16, 1, 4, 8>; gemv_rows<__nv_bfloat16, __nv_bfloat16, 2, 4, 8>
 // tessera-instantiate: gemv_rows<__nv_bfloat16, __nv_bfloat16, 0, 16, 4>; gemv_rows<__nv_bfloat16, __nv_bfloat16, 1, 16, 4>; gemv_rows<__nv_bfloat16, __nv_bfloat16, 2, 16, 4>
 // tessera-instantiate: gemv_rows<signed char, __nv_bfloat16, 0, 1, 8>; gemv_rows<signed char, __nv_bfloat16, 1, 1, 8>; gemv_rows<signed char, __nv_bfloat16, 2, 1, 8>
 // tessera-instantiate: gemv_rows<signed char, __nv_bfloat16, 0, 4, 4>; gemv_rows<signed char, __nv_bfloat16, 1, 4, 4>; gemv_rows<signed char, __nv_bfloat16, 2, 4, 4>
 // tessera-instantiate: gemv_rows<signed char, __nv_bfloat16, 0, 16, 2>; gemv_rows<signed char, __nv_bfloat16, 1, 16, 2>; gemv_rows<signed char, __nv_bfloat16, 2, 16, 2>
-// tessera-instantiate: gemv_rows<__nv_bfloat16, float, 1, 1, 8>; gemv_rows<__nv_bfloat16, float, 1, 4, 8>; gemv_rows<__nv_bfloat16, float, 1, 16, 4>
+// tessera-instantiate: gemv_rows<__nv_bfloat16, float, 1, 1, 4>; gemv_rows<__nv_bfloat16, float, 1, 4, 8>; gemv_rows<__nv_bfloat16, float, 1, 16, 4>
 // tessera-instantiate: gemv_mma<signed char, __nv_bfloat16, __nv_bfloat16, 0>; gemv_mma<signed char, __nv_bfloat16, __nv_bfloat16, 1>; gemv_mma<signed char, __nv_bfloat16, __nv_bfloat16, 2>
 // tessera-instantiate: gemv_mma<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, 0>; gemv_mma<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, 1>; gemv_mma<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, 2>
 // tessera-instantiate: gemv_mma<__nv_bfloat16, __nv_bfloat16, float, 1>; gemv_mma<signed char, __half, __half, 0>
@@ -715,13 +717,15 @@ extern "C" __global__ void rope_append(const bf16_t *__restrict__ qkv, long long
                             int *__restrict__ lens, int Hq, int Hkv, int D) {
     tessera::pdl_launch_dependents();
     tessera::pdl_wait();
-    const int b = blockIdx.x, half = D / 2;
+    const int half = D / 2, total = (Hq + 2 * Hkv) * half;
+    const int blocks_per_row = (total + blockDim.x - 1) / blockDim.x;
+    const int b = blockIdx.x / blocks_per_row, i = (blockIdx.x % blocks_per_row) * blockDim.x + threadIdx.x;
     const int p = pos[b];
-    const long long blk = table[(long long)b * table_stride + (p >> log2_block)];
-    const long long slot = blk * c_sb + (long long)(p & ((1 << log2_block) - 1)) * c_sr;
-    const bf16_t *src = qkv + (long long)b * ld_qkv;
-    const int total = (Hq + 2 * Hkv) * half;
-    for (int i = threadIdx.x; i < total; i += blockDim.x) {
+    if (i == 0) lens[b] = p + 1;
+    if (i < total) {
+        const long long blk = table[(long long)b * table_stride + (p >> log2_block)];
+        const long long slot = blk * c_sb + (long long)(p & ((1 << log2_block) - 1)) * c_sr;
+        const bf16_t *src = qkv + (long long)b * ld_qkv;
         const int h = i / half, j = i % half;
         const float x1 = __bfloat162float(src[h * D + j]), x2 = __bfloat162float(src[h * D + j + half]);
         float o1 = x1, o2 = x2;
@@ -737,7 +741,6 @@ extern "C" __global__ void rope_append(const bf16_t *__restrict__ qkv, long long
         dst[j] = __float2bfloat16_rn(o1);
         dst[j + half] = __float2bfloat16_rn(o2);
     }
-    if (threadIdx.x == 0) lens[b] = p + 1;
 }
 
 extern "C" __global__ void argmax_rows(const float *__restrict__ logits, long long ld, int V, int *__restrict__ tokens) {
@@ -748,9 +751,20 @@ extern "C" __global__ void argmax_rows(const float *__restrict__ logits, long lo
     const float *row = logits + (long long)blockIdx.x * ld;
     float v = __int_as_float(0xff800000);
     int idx = 0x7fffffff;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+    // i grows: the first maximum of this thread's elements stays. Four loads in flight at a time (one at a time,
+    // 32000 logits took 8.6 us).
+    int i = threadIdx.x;
+    for (; i + 3 * (int)blockDim.x < V; i += 4 * blockDim.x) {
+        float x[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) x[u] = row[i + u * blockDim.x];
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+            if (x[u] > v) { v = x[u]; idx = i + u * blockDim.x; }
+    }
+    for (; i < V; i += blockDim.x) {
         const float x = row[i];
-        if (x > v) { v = x; idx = i; }   // i grows: the first maximum of this thread's elements stays
+        if (x > v) { v = x; idx = i; }
     }
     for (int off = 16; off > 0; off >>= 1) {
         const float ov = __shfl_xor_sync(0xffffffffu, v, off);

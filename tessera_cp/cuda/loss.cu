@@ -329,7 +329,19 @@ __device__ __forceinline__ float load_cluster_shared(const float *local, unsigne
 #define TESSERA_LOSS_CLUSTER(c) __cluster_dims__(c, 1, 1)
 #endif
 
-// logits [n_rows, vocab] row-major; targets [n_rows] int64; loss, row_max, row_logsum [n_rows] float.
+// A row's results: its loss and, unless row_max is null (the op's forward that makes the gradient needs neither,
+// and skips their allocation), m and log_s.
+__device__ __forceinline__ void store_row(float *loss, float *row_max, float *row_logsum, long long row, float l,
+                                          float m, float log_s) {
+    loss[row] = l;
+    if (row_max != nullptr) {
+        row_max[row] = m;
+        row_logsum[row] = log_s;
+    }
+}
+
+// logits [n_rows, vocab] row-major; targets [n_rows] int64; loss [n_rows] float; row_max, row_logsum [n_rows] float
+// or both null.
 // With write_grad != 0, grad [n_rows, vocab] (may be logits) gets (softmax - q) * scale, scale = grad_scale, or
 // grad_scale / check[0] with per_count. check [2]: see the header (check[1] != 0: nothing is written).
 template <typename T>
@@ -347,7 +359,7 @@ cross_entropy_fwd(const T *logits, const long long *targets, float *loss, float 
     if (t == ignore_index || t < 0 || t >= vocab) {
         if (refused) return;
         const float v = t == ignore_index ? 0.0f : quiet_nan();
-        if (threadIdx.x == 0) { loss[row] = v; row_max[row] = v; row_logsum[row] = v; }
+        if (threadIdx.x == 0) store_row(loss, row_max, row_logsum, row, v, v, v);
         if (write_grad) fill_row(g, vocab, v);
         return;
     }
@@ -358,9 +370,7 @@ cross_entropy_fwd(const T *logits, const long long *targets, float *loss, float 
     if (threadIdx.x == 0) {
         float l = log_s + (1.0f - smoothing) * (st.m - xt);
         if (smoothing != 0.0f) l += smoothing * (st.m - st.sum / (float)vocab);
-        loss[row] = l;
-        row_max[row] = st.m;
-        row_logsum[row] = log_s;
+        store_row(loss, row_max, row_logsum, row, l, st.m, log_s);
     }
     if (write_grad)
         write_grad_row(x, g, vocab, 0, t, st.m, log_s, smoothing / (float)vocab, 1.0f - smoothing,
@@ -399,7 +409,7 @@ cross_entropy_fwd_cluster(const T *logits, const long long *targets, float *loss
     if (t == ignore_index || t < 0 || t >= vocab) {
         if (check[1]) return;  // the same for every block of the cluster: none waits at a cluster barrier
         const float v = t == ignore_index ? 0.0f : quiet_nan();
-        if (rank == 0 && tid == 0) { loss[row] = v; row_max[row] = v; row_logsum[row] = v; }
+        if (rank == 0 && tid == 0) store_row(loss, row_max, row_logsum, row, v, v, v);
         if (write_grad) {
             float f[N];
 #pragma unroll
@@ -486,9 +496,7 @@ cross_entropy_fwd_cluster(const T *logits, const long long *targets, float *loss
     if (!refused && rank == 0 && tid == 0) {
         float l = log_s + (1.0f - smoothing) * (st.m - xt);
         if (smoothing != 0.0f) l += smoothing * (st.m - st.sum / (float)vocab);
-        loss[row] = l;
-        row_max[row] = st.m;
-        row_logsum[row] = log_s;
+        store_row(loss, row_max, row_logsum, row, l, st.m, log_s);
     }
     if (write_grad && !refused) {
         // grad = exp((x - m) - log_s) * scale - eps/V * scale, and - (1 - eps) * scale at the target.

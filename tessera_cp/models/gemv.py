@@ -31,8 +31,10 @@ ROPE_THREADS = 128
 EMBED_THREADS = 128
 GEMV_THREADS = 256            # gemv.cu's THREADS
 # gemv_rows: (weight kind, MAXB) -> ROWS of W per block, as listed in gemv.cu's instantiations. int8 with one row
-# of x takes 8 (bench/tune_gemv.py, H100, TinyLlama decode step with int8 weights: 1068 us against 1101 with 4).
-_GEMV_ROWS = {("bf16", 1): 8, ("bf16", 4): 8, ("bf16", 16): 4, ("int8", 1): 8, ("int8", 4): 4, ("int8", 16): 2}
+# of x takes 8 (bench/tune_gemv.py, H100, TinyLlama decode step with int8 weights: 1068 us against 1101 with 4),
+# bf16 4 (bench/tune_decode.py, H100, the bf16 step's graph back to back: 1137.3 us against 1147.6 with 8 and
+# 1198.4 with 16).
+_GEMV_ROWS = {("bf16", 1): 4, ("bf16", 4): 8, ("bf16", 16): 4, ("int8", 1): 8, ("int8", 4): 4, ("int8", 16): 2}
 # The decode step's kernel per weight kind: "rows" (gemv_rows) or "mma" (gemv_mma). bench/tune_gemv.py (H100,
 # TinyLlama, batch 1): bf16 step 1182 us with gemv_rows against 1583 with gemv_mma, int8 1068 against 1387: on
 # these small matrices one block per few rows over all of K has the least latency. (With 16 rows of x gemv_mma
@@ -156,7 +158,8 @@ def rope_append(qkv, cos, sin, pos, table, k_cache, v_cache, num_heads, num_kv_h
                  and table.flags.c_contiguous and cos.flags.c_contiguous and sin.flags.c_contiguous)
     if kernel_ok:
         item, i64 = 2, numpy.int64
-        _launch("rope_append", B, ROPE_THREADS,
+        pairs = (Hq + 2 * Hkv) * (D // 2)  # one thread each
+        _launch("rope_append", B * -(-pairs // ROPE_THREADS), ROPE_THREADS,
                 (qkv, i64(qkv.strides[0] // item), cos, sin, pos, table, i64(table.shape[1]),
                  numpy.int32(block_size.bit_length() - 1), k_cache, v_cache, i64(k_cache.strides[0] // item),
                  i64(k_cache.strides[1] // item), i64(k_cache.strides[2] // item), q_out, lens, numpy.int32(Hq),

@@ -56,6 +56,7 @@ REDUCE_THREADS = 1024    # reduce_loss: one block
 SCALE_BLOCKS = 1024      # scale_rows' blocks for one scalar factor (they stride over the rows)
 CHUNK_BYTES = 256 << 20  # fused linear cross-entropy: the largest chunk of logits it holds at once
 _NO_IGNORE = int(numpy.iinfo(numpy.int64).min)  # no valid target equals it (negatives are rejected)
+_NULL = numpy.uint64(0)  # a null pointer argument
 _CTYPES = {numpy.dtype(numpy.float32): "float", numpy.dtype(numpy.float16): "__half",
            dtypes.bf16.storage: "__nv_bfloat16"}
 
@@ -218,22 +219,28 @@ def _rows_forward_reference(x, targets, ignore_index, smoothing, grad, grad_scal
 
 
 def _rows_forward_kernel(x, targets, ignore_index, smoothing, grad, grad_scale, out=None, cluster=None, packs=None,
-                         check=None, per_count=False):
+                         check=None, per_count=False, stats=True):
     """The CUDA path of _rows_forward; ``out`` (three f32 [N] arrays) lets tests hand in NaN-poisoned outputs;
+    ``stats=False``: m and log_s are neither allocated nor written (returned as None);
     ``cluster``: None picks the kernel (_cluster_shape), 0 forces the one-block-per-row kernel, 1/2/4/8 the cluster
     kernel with that many blocks per row (``packs`` per thread: 8 or 16; None: the fewest that hold the row), for
     tests and benchmarks. ``check``: count_targets' [2] result on the device (None: nothing checked); the kernel
     writes nothing when check[1] != 0, and with ``per_count`` divides grad_scale by check[0]."""
     xp = backend.array_module(x)
     n, v = x.shape
-    loss, m, log_s = out if out is not None else (xp.empty(n, dtype=numpy.float32) for _ in range(3))
+    if out is not None:
+        loss, m, log_s = out
+    else:
+        loss = xp.empty(n, dtype=numpy.float32)
+        m, log_s = (xp.empty(n, dtype=numpy.float32) for _ in range(2)) if stats else (None, None)
     if n:
         runtime, kernel, grid, block = _forward_plan(x, grad, cluster, packs)
-        runtime.launch(kernel, grid, block,
-                       (x, targets, loss, m, log_s, x if grad is None else grad, numpy.int64(n), numpy.int64(v),
-                        numpy.int64(ignore_index), numpy.float32(smoothing), numpy.float32(grad_scale),
-                        numpy.int32(grad is not None), _no_check(x) if check is None else check,
-                        numpy.int32(per_count)))
+        launch = runtime.launch_planned if backend.is_cupy_array(x) else runtime.launch
+        launch(kernel, grid, block,
+               (x, targets, loss, _NULL if m is None else m, _NULL if log_s is None else log_s,
+                x if grad is None else grad, numpy.int64(n), numpy.int64(v),
+                numpy.int64(ignore_index), numpy.float32(smoothing), numpy.float32(grad_scale),
+                numpy.int32(grad is not None), _no_check(x) if check is None else check, numpy.int32(per_count)))
     return loss, m, log_s
 
 
@@ -375,16 +382,18 @@ def _flat_targets(array):
     return backend.array_module(array).ascontiguousarray(array.reshape(-1), dtype=numpy.int64)
 
 
-_SIDE = threading.local()  # per thread: device id -> the stream that copies target counts back
+_SIDE = threading.local()  # per thread: device id -> (stream, event) that copy target counts back
 
 
 def _side_stream(xp, device_id):
-    """A non-blocking stream of this thread for device_id: a copy there waits only for what it is told to."""
-    streams = _SIDE.__dict__.setdefault("streams", {})
-    stream = streams.get(device_id)
-    if stream is None:
-        stream = streams[device_id] = xp.cuda.Stream(non_blocking=True)
-    return stream
+    """(stream, event) of this thread for device_id: a non-blocking stream, where a copy waits only for what it is
+    told to, and the event that tells it (re-recorded by each check: creating one costs the host several us)."""
+    kept = _SIDE.__dict__.setdefault("kept", {})
+    found = kept.get(device_id)
+    if found is None:
+        found = kept[device_id] = (xp.cuda.Stream(non_blocking=True),
+                                   xp.cuda.Event(block=False, disable_timing=True))
+    return found
 
 
 class _TargetCheck:
@@ -399,21 +408,22 @@ class _TargetCheck:
         self.flat, self.n_classes, self.ignore = flat, n_classes, ignore
         self.counts = xp.empty(2, dtype=numpy.uint64)
         runtime, kernel = _kernel_for(flat, "count_targets")
-        runtime.launch(kernel, (1,), (COUNT_THREADS,), (flat, numpy.int64(flat.size), numpy.int64(n_classes),
-                                                         numpy.int64(ignore), self.counts))
-        self.done = None
-        if xp is not numpy:
-            self.done = xp.cuda.Event(block=False, disable_timing=True)
-            self.done.record()
+        args = (flat, numpy.int64(flat.size), numpy.int64(n_classes), numpy.int64(ignore), self.counts)
+        self.side = None
+        if xp is numpy:
+            runtime.launch(kernel, (1,), (COUNT_THREADS,), args)
+            return
+        runtime.launch_planned(kernel, (1,), (COUNT_THREADS,), args)
+        self.side, self.done = _side_stream(xp, flat.device.id)
+        self.done.record()
 
     def result(self, shape, name):
-        """The number of counted (not ignored) targets; IndexOutOfRangeError for any other outside [0, n_classes)."""
+        """The number of counted (not ignored) targets; IndexOutOfRangeError for any other outside [0, n_classes).
+        Called before any other check of this thread records the kept event again."""
         host = self.counts
-        if self.done is not None:
-            xp = backend.array_module(self.counts)
-            side = _side_stream(xp, self.counts.device.id)
-            side.wait_event(self.done)
-            host = xp.asnumpy(self.counts, stream=side)  # blocking: returns once the copy is done
+        if self.side is not None:
+            self.side.wait_event(self.done)  # the copy waits for count_targets alone
+            host = backend.array_module(self.counts).asnumpy(self.counts, stream=self.side)  # returns once copied
         count, n_bad = int(host[0]), int(host[1])
         if n_bad:
             _raise_out_of_range(self.flat, self.n_classes, self.ignore, n_bad, shape, name)
@@ -462,7 +472,7 @@ class CrossEntropy(Function):
         self.save(grad)
         if isinstance(count, _TargetCheck):
             loss = _rows_forward_kernel(x, targets, ignore_index, smoothing, grad, 1.0, check=count.counts,
-                                        per_count=reduction == "mean")[0]
+                                        per_count=reduction == "mean", stats=False)[0]
             return _reduce_on_device(loss, reduction, count.counts, target_shape)
         scale = 1.0 / count if reduction == "mean" and count else 1.0
         loss, _, _ = _rows_forward(x, targets, ignore_index, smoothing, grad, scale)

@@ -512,6 +512,9 @@ _POINTEE = {"long long": numpy.dtype(numpy.int64), "float": numpy.dtype(numpy.fl
             "unsigned long long": numpy.dtype(numpy.uint64)}
 
 
+_NULLABLE = {"cross_entropy_fwd": (3, 4), "cross_entropy_fwd_cluster": (3, 4)}  # row_max, row_logsum may be null
+
+
 class KernelEmulator:
     """Stands in for the runtime: checks each launch against loss.cu's signatures and runs the semantics that
     loss.cu's header documents, in float64 (written from that text, not from the reference in loss.py)."""
@@ -525,7 +528,9 @@ class KernelEmulator:
         params = self.signatures[name]
         assert len(args) == len(params), f"{name}: {len(args)} arguments for {len(params)} parameters"
         for i, ((pointer, base), a) in enumerate(zip(params, args)):
-            if pointer:
+            if pointer and i in _NULLABLE.get(name, ()) and type(a) is numpy.uint64:
+                assert a == 0, f"{name} argument {i}: a pointer given as the integer {a}"
+            elif pointer:
                 assert isinstance(a, numpy.ndarray) and a.flags.c_contiguous, f"{name} argument {i}"
                 assert a.dtype == (dtype if base == "T" else _POINTEE[base]), f"{name} argument {i}: {a.dtype}"
             else:
@@ -549,18 +554,22 @@ class KernelEmulator:
             return
         if per_count and check[0]:
             scale = float(scale) / float(check[0])
+        has_stats = isinstance(m, numpy.ndarray)  # else both are null: loss alone
         for r in range(int(n)):
             row = x[r].astype(numpy.float64)  # read before a gradient written over x
             if t[r] == ignore or not 0 <= t[r] < v:
                 fill = 0.0 if t[r] == ignore else numpy.nan
-                loss[r] = m[r] = log_s[r] = fill
+                loss[r] = fill
+                if has_stats:
+                    m[r] = log_s[r] = fill
                 if write:
                     grad[r] = fill
                 continue
             top = row.max()
             ls = numpy.log(numpy.exp(row - top).sum())
             loss[r] = ls + (1 - eps) * (top - row[t[r]]) + eps * (top - row.mean())
-            m[r], log_s[r] = top, ls
+            if has_stats:
+                m[r], log_s[r] = top, ls
             if write:
                 g = numpy.exp(row - top - ls) - eps / v
                 g[t[r]] -= 1 - eps
