@@ -95,19 +95,34 @@ def random_bf16(shape, seed):
 
 
 def host_timeline(step, calls=40):
-    """Median microseconds from a call's start to each kernel launch it makes, and to its return (the GPU idle
-    before each call: synchronised), as [(kernel, us)]."""
-    real, real_planned, marks = runtime.launch, runtime.launch_planned, []
+    """Median microseconds from a call's start to each kernel launch it makes (and back from it), to the entry of
+    a few of loss.py's steps, and to its return (the GPU idle before each call: synchronised), as [(mark, us)]."""
+    marks = []
     names = getattr(runtime, "_kernel_names", {})
 
     def tracer(launcher):
         def traced(kernel, *args, **kwargs):
-            marks.append((names.get(kernel, "?").split(":")[-1].split("<")[0], time.perf_counter()))
-            return launcher(kernel, *args, **kwargs)
+            name = names.get(kernel, "?").split(":")[-1].split("<")[0]
+            marks.append((name, time.perf_counter()))
+            try:
+                return launcher(kernel, *args, **kwargs)
+            finally:
+                marks.append((f"{name} returned", time.perf_counter()))
         return traced
 
+    def entry(fn, name):
+        def traced(*args, **kwargs):
+            marks.append((name, time.perf_counter()))
+            return fn(*args, **kwargs)
+        return traced
+
+    patched = [(runtime, "launch"), (runtime, "launch_planned"), (L, "_check_ce_options"), (L, "_flat_targets"),
+               (L, "_forward_plan"), (L.CrossEntropy, "forward"), (L._TargetCheck, "result")]
+    saved = [(owner, attr, owner.__dict__[attr]) for owner, attr in patched]
+    for owner, attr, fn in saved:
+        wrap = tracer(fn) if owner is runtime else entry(fn, attr)
+        setattr(owner, attr, wrap)
     runs = []
-    runtime.launch, runtime.launch_planned = tracer(real), tracer(real_planned)
     try:
         for _ in range(calls):
             cupy.cuda.get_current_stream().synchronize()
@@ -117,7 +132,8 @@ def host_timeline(step, calls=40):
             t1 = time.perf_counter()
             runs.append([(k, (t - t0) * 1e6) for k, t in marks] + [("(return)", (t1 - t0) * 1e6)])
     finally:
-        runtime.launch, runtime.launch_planned = real, real_planned
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
     cupy.cuda.get_current_stream().synchronize()
     return [(runs[0][i][0], statistics.median(r[i][1] for r in runs)) for i in range(len(runs[0]))]
 
@@ -276,11 +292,23 @@ def ce_section():
     for label, step in (("op fwd + node backward", op_step), ("host count first (previous)", count_first_step)):
         marks = host_timeline(step)
         log(f"host     {label:<30} " + "  ".join(f"{k} +{us:.0f} us" for k, us in marks))
-    try:
-        for name, start, dur in device_timeline(op_step):
-            log(f"device   {name:<48} start +{start:8.1f} us  lasts {dur:8.1f} us")
-    except Exception as e:  # torch missing or CUPTI unavailable: the rest still runs
-        log(f"device timeline FAILED: {type(e).__name__}: {e}")
+    # The forward kernel's own duration in the op and alone: with the op's count check and "mean" scale read on
+    # the device, and with a fresh gradient buffer per call (as the op allocates one).
+    counts = cupy.asarray([n, 0], dtype=numpy.uint64)
+    kernel_runs = {
+        "op fwd + node backward": op_step,
+        "kernel alone (default)": kernel(),
+        "kernel alone, check + per_count": lambda: L._rows_forward_kernel(x, t, -100, 0.0, grad, 1.0, check=counts,
+                                                                          per_count=True, stats=False),
+        "kernel alone, fresh gradient buffer": lambda: L._rows_forward_kernel(x, t, -100, 0.0, cupy.empty_like(x),
+                                                                              scale),
+    }
+    for label, step in kernel_runs.items():
+        try:
+            for name, start, dur in device_timeline(step):
+                log(f"device   {label:<36} {name:<40} start +{start:8.1f} us  lasts {dur:8.1f} us")
+        except Exception as e:  # torch missing or CUPTI unavailable: the rest still runs
+            log(f"device timeline FAILED: {type(e).__name__}: {e}")
     text = profile_calls(op_step)
     log("cProfile of 200 calls of stable_cross_entropy fwd + node backward (synchronised between calls):")
     log("\n".join(text.strip().splitlines()[:40]))
