@@ -71,6 +71,36 @@ def w8a8_equal(m, n, k, seed):
     return same
 
 
+def sm90(config, a, b, out, scale=None):
+    """out = a @ b.T through gemm_sm90_<config> directly (any config, whichever the public ops pick)."""
+    m, n = a.shape[0], b.shape[0]
+    return casted._sm90_gemm(config, casted._pad_k(a), casted._pad_k(b), m, n, out, scale, scale)
+
+
+def check_pingpong():
+    """e4m3_bf16_fast_pp (what fp8_matmul(fast_accum=True) runs for bf16) bit for bit against the cooperative
+    fast-accum config (each element's k order is the same) and against float64 within a loose bound."""
+    ok = True
+    for m, n, k in [(1, 1, 16), (33, 33, 48), (1000, 1000, 4097), (17, 4097, 1000), (4097, 33, 1000)]:
+        rng = numpy.random.default_rng(m + n + k)
+        fa, fb = fp8_bits(rng, (m, k)), fp8_bits(rng, (n, k))
+        one = cupy.ones((1,), numpy.float32)
+        outs = {}
+        for config in ("e4m3_bf16_fast", "e4m3_bf16_fast_pp"):
+            outs[config] = cupy.full((m, n), numpy.nan, dtype=dtypes.bf16.storage)
+            sm90(config, fa, fb, outs[config], one)
+        a64 = fp8.decode(cupy.asnumpy(fa), dtypes.fp8_e4m3, dtypes.f32).astype(numpy.float64)
+        b64 = fp8.decode(cupy.asnumpy(fb), dtypes.fp8_e4m3, dtypes.f32).astype(numpy.float64)
+        ref, mag = a64 @ b64.T, numpy.abs(a64) @ numpy.abs(b64).T
+        got = cupy.asnumpy(outs["e4m3_bf16_fast_pp"]).astype(numpy.float64)
+        within = bool((numpy.abs(got - ref) <= 2.0 ** -8 * numpy.abs(ref) + 2.0 ** -10 * mag).all())
+        same = bool(numpy.array_equal(cupy.asnumpy(outs["e4m3_bf16_fast"]).view(numpy.uint16),
+                                      cupy.asnumpy(outs["e4m3_bf16_fast_pp"]).view(numpy.uint16)))
+        print(f"fp8 fast ping-pong {m}x{n}x{k}: within bound {within}, same bits as cooperative {same}", flush=True)
+        ok &= within and same
+    return ok
+
+
 def timeit(fn, reps=20):
     fn()
     cupy.cuda.get_current_stream().synchronize()
@@ -115,6 +145,7 @@ def main():
     k1 = casted._runtime().get_cute_kernel("gemm_sm90.cu", "gemm_sm90_e4m3_bf16")
     print(f"regs s8 {k0.num_regs} local {k0.local_size_bytes}; e4m3 {k1.num_regs} local {k1.local_size_bytes}; "
           f"plans {casted._sm90_plans.get(('s8', 8192, 8192, 8192, 132, 0))}", flush=True)
+    ok &= check_pingpong()
     print("CORRECTNESS", "OK" if ok else "FAILED", flush=True)
 
     import torch
@@ -147,6 +178,11 @@ def main():
             ("fp8 sm90 GEMM per-row/col -> bf16 (f32 + epilogue)",
              lambda: casted.fp8_matmul(f8a, f8b, srow, scol, out=obf)),
             ("torch._scaled_mm e4m3 -> bf16", lambda: torch._scaled_mm(fa, fb.t(), st, st, out_dtype=torch.bfloat16)),
+            ("fp8 sm90 fast accum cooperative 128x256 -> bf16", lambda: sm90("e4m3_bf16_fast", f8a, f8b, obf, one)),
+            ("fp8_matmul(fast_accum=True) -> bf16 (ping-pong 128x128)",
+             lambda: casted.fp8_matmul(f8a, f8b, one, one, out=obf, fast_accum=True)),
+            ("torch._scaled_mm e4m3 fast accum -> bf16",
+             lambda: torch._scaled_mm(fa, fb.t(), st, st, out_dtype=torch.bfloat16, use_fast_accum=True)),
             ("cuBLAS bf16 (torch)", lambda: xb @ wb.T),
             ("W8A8 linear sm90 (quant + GEMM + epilogue)",
              lambda: casted.w8a8_linear(xs, w, ws, bias, gemm="sm90", weight_padded=w)),

@@ -13,6 +13,11 @@
 //   e4m3_bf16_fast, e4m3_f32_fast: the same without the promotion (CUTLASS's FP8FastAccum schedule, torch's
 //              use_fast_accum): the tensor cores' own accumulation over all of K, faster and less exact. Tile
 //              128 x 256 x 128.
+//   e4m3_bf16_fast_pp: e4m3_bf16_fast with the ping-pong schedule (each consumer warpgroup owns a 128 x 128 tile,
+//              so one's epilogue overlaps the other's main loop): the same bits (each element's k order is the
+//              same), 1166-1177 against 992-1005 TFLOP/s at 8192^3 on the H100 (bench/tune_gemm90.py, two runs).
+//              Tried and not kept: int8 ping-pong 128 x 128 (1191-1214 against the cooperative 1271 TOP/s at
+//              8192^3), e4m3_bf16 ping-pong 64 x 128 with the promotion (627 against 962 TFLOP/s).
 // The launcher's TMA boxes follow the tiles: A 128 rows, B tile_n / 2 rows (the multicast halves), 128 bytes of K.
 // Built with -DNDEBUG (nvrtc_cache.CUTE_OPTIONS): CUTLASS's device asserts are calls, and a call inside the
 // mainloop serializes wgmma (ptxas C7510) and spills.
@@ -34,6 +39,7 @@
 // tessera-instantiate: gemm_sm90_s8_setup; gemm_sm90_s8; gemm_sm90_e4m3_bf16_setup; gemm_sm90_e4m3_bf16
 // tessera-instantiate: gemm_sm90_e4m3_f32_setup; gemm_sm90_e4m3_f32
 // tessera-instantiate: gemm_sm90_e4m3_bf16_fast_setup; gemm_sm90_e4m3_bf16_fast
+// tessera-instantiate: gemm_sm90_e4m3_bf16_fast_pp_setup; gemm_sm90_e4m3_bf16_fast_pp
 // tessera-instantiate: gemm_sm90_e4m3_f32_fast_setup; gemm_sm90_e4m3_f32_fast
 // tessera-instantiate: sm90_scale_epilogue<int, __nv_bfloat16>; sm90_scale_epilogue<int, __half>
 // tessera-instantiate: sm90_scale_epilogue<int, float>; sm90_scale_epilogue<float, __nv_bfloat16>
@@ -176,13 +182,14 @@ struct Gemm {
         epi_args.dD = dD;
         cutlass::KernelHardwareInfo hw{0, sms, 0};
         typename Sched::Arguments sched_args{};
-        Params p{cutlass::gemm::GemmUniversalMode::kGemm,
-                 problem,
-                 Mainloop::to_underlying_arguments(problem, main_args, nullptr),
-                 Epilogue::to_underlying_arguments(problem, epi_args, nullptr),
-                 hw,
-                 scheduler_params(problem, sched_args),
-                 nullptr};
+        Params p{};  // field by field: the cooperative kernel's Params has a workspace pointer (left null), the
+                     // ping-pong kernel's none
+        p.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+        p.problem_shape = problem;
+        p.mainloop = Mainloop::to_underlying_arguments(problem, main_args, nullptr);
+        p.epilogue = Epilogue::to_underlying_arguments(problem, epi_args, nullptr);
+        p.hw_info = hw;
+        p.scheduler = scheduler_params(problem, sched_args);
         // The descriptors CuTe would have encoded on the host (left zero under NVRTC).
         *const_cast<cute::TmaDescriptor *>(p.mainloop.tma_load_a.get_tma_descriptor()) = tma_a;
         *const_cast<cute::TmaDescriptor *>(p.mainloop.tma_load_b.get_tma_descriptor()) = tma_b;
@@ -219,6 +226,7 @@ using Tile128 = Shape<_128, _128, _128>;
 using Cluster = Shape<_2, _1, _1>;  // B tiles multicast to the 2 CTAs of a cluster
 using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
 using CoopFastAccum = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum;
+using PingpongFastAccum = cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8FastAccum;
 using E4m3 = cutlass::float_e4m3_t;
 constexpr auto kNoScale = cutlass::epilogue::thread::ScaleType::Nothing;
 constexpr auto kAlpha = cutlass::epilogue::thread::ScaleType::OnlyAlphaScaling;
@@ -227,6 +235,7 @@ using E4m3Bf16 = Gemm<E4m3, float, cutlass::bfloat16_t, Tile128, Cluster, Coop, 
 using E4m3F32 = Gemm<E4m3, float, float, Tile128, Cluster, Coop, kAlpha>;
 using E4m3Bf16Fast = Gemm<E4m3, float, cutlass::bfloat16_t, Tile256, Cluster, CoopFastAccum, kAlpha>;
 using E4m3F32Fast = Gemm<E4m3, float, float, Tile256, Cluster, CoopFastAccum, kAlpha>;
+using E4m3Bf16FastPingpong = Gemm<E4m3, float, cutlass::bfloat16_t, Tile128, Cluster, PingpongFastAccum, kAlpha>;
 }  // namespace tessera_sm90
 #define SM90_BODY(stmt) stmt
 #define SM90_THREADS tessera_sm90::S8::Kernel::MaxThreadsPerBlock
@@ -256,6 +265,7 @@ SM90_SETUP(gemm_sm90_e4m3_bf16, E4m3Bf16)
 SM90_SETUP(gemm_sm90_e4m3_f32, E4m3F32)
 SM90_SETUP(gemm_sm90_e4m3_bf16_fast, E4m3Bf16Fast)
 SM90_SETUP(gemm_sm90_e4m3_f32_fast, E4m3F32Fast)
+SM90_SETUP(gemm_sm90_e4m3_bf16_fast_pp, E4m3Bf16FastPingpong)
 
 // The epilogue after an int32 (s8) or f32 (e4m3_f32) GEMM, plain CUDA (any architecture):
 //   out[m, n] = OutT(((float)acc[m, n] * row_scale[m * rs]) * col_scale[n * cs] + bias[n])

@@ -67,7 +67,8 @@ GEMMS = ("auto", "mma", "dp4a", "sm90")
 # gemm_sm90.cu (CUTLASS wgmma GEMMs, sm_90 only): the TMA boxes CuTe derives for each config's tile with the
 # cluster 2x1, over a rank-3 (L=1, rows, K) view with the 128-byte swizzle: A 128 rows, B tile_n / 2 rows (the
 # multicast halves), both 128 bytes of K. Params live in a global buffer the setup kernel fills.
-SM90_TILE_N = {"s8": 256, "e4m3_bf16": 128, "e4m3_f32": 128, "e4m3_bf16_fast": 256, "e4m3_f32_fast": 256}
+SM90_TILE_N = {"s8": 256, "e4m3_bf16": 128, "e4m3_f32": 128, "e4m3_bf16_fast": 256, "e4m3_f32_fast": 256,
+               "e4m3_bf16_fast_pp": 128}
 SM90_BOX_A_ROWS, SM90_BOX_K = 128, 128
 SM90_PARAMS_BYTES, SM90_INFO_INTS = 2048, 6
 EPILOGUE_THREADS = 256
@@ -366,7 +367,9 @@ def fp8_matmul(a, b, a_scale=None, b_scale=None, out_dtype=dtypes.bf16, out=None
         fast = "_fast" if fast_accum else ""
         one = _dummy_one(xp)
         if per_tensor and out_dtype is not dtypes.f16:
+            # bf16 with fast accumulation: the ping-pong schedule (gemm_sm90.cu: same bits, faster at 8192^3)
             config = ("e4m3_bf16" if out_dtype is dtypes.bf16 else "e4m3_f32") + fast
+            config += "_pp" if config == "e4m3_bf16_fast" else ""
             result = _sm90_gemm(config, ap, bp, m, n, out, one if sa is None else sa, one if sb is None else sb)
         else:
             acc = _sm90_gemm("e4m3_f32" + fast, ap, bp, m, n, xp.empty((m, n), dtype=numpy.float32))

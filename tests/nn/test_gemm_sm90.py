@@ -181,3 +181,18 @@ def test_gpu_sm90_fp8_matmul(scales, out_dtype, m, n, k, fast_accum):
     steps = -(-k // 32) if fast_accum else 1
     excess = numpy.abs(got - ref) - (ulp * numpy.abs(ref) + 2.0 ** -12 * steps * mag)
     assert (excess <= 0).all(), f"{int((excess > 0).sum())} of {got.size} outside the bound"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(1, 1, 16), (33, 33, 48), (1000, 1000, 4097), (4097, 4097, 1024)])
+def test_gpu_sm90_fp8_fast_accum_ping_pong_equals_cooperative(m, n, k):
+    """fp8_matmul(fast_accum=True) with a bf16 result runs the ping-pong config: each element's k order is the
+    cooperative config's, so the bits are the same."""
+    cupy = _cupy()
+    rng = numpy.random.default_rng(m + n + k)
+    a, b = cupy.asarray(e4m3(rng, (m, k))), cupy.asarray(e4m3(rng, (n, k)))
+    scale = cupy.asarray(numpy.float32([0.75]))
+    outs = [cupy.full((m, n), numpy.nan, dtype=dtypes.bf16.storage) for _ in range(2)]
+    casted.fp8_matmul(a, b, scale, scale, dtypes.bf16, out=outs[0], fast_accum=True)
+    casted._sm90_gemm("e4m3_bf16_fast", casted._pad_k(a), casted._pad_k(b), m, n, outs[1], scale, scale)
+    assert numpy.array_equal(cupy.asnumpy(outs[0]).view(numpy.uint16), cupy.asnumpy(outs[1]).view(numpy.uint16))
