@@ -45,6 +45,10 @@
 //     epilogue load before the first store (the baseline walks B x 128 outputs, one dependent round trip each).
 //   LEAN 1: fragment loads at 32-bit shared addresses computed once; rows past B repeat row B - 1 (no
 //     predicated loads; the upper 8 rows are not loaded at all when B <= 8); W as a base plus offsets.
+//   MC 2 (gemv_mma_mc, plain x, sm_90): clusters of MC blocks along N, which share a K slice, read x once: bulk
+//     copies multicast each row's slice into every block of the cluster (x from L2 was 16 MB against 64 MB of
+//     weights at N = K = 8192 with 16 rows, and made M = 16 14% slower than M = 1; now 4%). The grid's x is a
+//     whole number of clusters; blocks past N only take part in the copies.
 // rope_append (bf16): RoPE of the new token's q and k heads (half-split layout, f32 cos/sin tables [P, D/2]) at
 //   position pos[b], q written to q_out [B, Hq, D]; k and v stored into the paged cache at that position (block
 //   table[b, pos >> log2_block], row pos & (block - 1)); lens[b] = pos[b] + 1. One thread per (head, pair of
@@ -66,6 +70,7 @@
 // tessera-instantiate: gemv_mma<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, 0>; gemv_mma<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, 1>; gemv_mma<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, 2>
 // tessera-instantiate: gemv_mma<__nv_bfloat16, __nv_bfloat16, float, 1>; gemv_mma<signed char, __half, __half, 0>
 // tessera-instantiate: gemv_mma<signed char, __nv_bfloat16, __nv_bfloat16, 0, 1, 4, 1, 1>; gemv_mma<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, 0, 1, 4, 1, 1>; gemv_mma<signed char, __half, __half, 0, 1, 4, 1, 1>
+// tessera-instantiate: gemv_mma_mc<signed char, __nv_bfloat16, __nv_bfloat16, 0, 1, 1, 1, 1, 2>; gemv_mma_mc<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, 0, 1, 1, 1, 1, 2>; gemv_mma_mc<signed char, __half, __half, 0, 1, 1, 1, 1, 2>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -235,6 +240,39 @@ template <> struct Fragment<__nv_bfloat16, __nv_bfloat16> {
     }
 };
 
+// gemv_mma_mc's x multicast (sm_90): a one-shot barrier per block, a cluster barrier, bulk copies to every block.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define TESSERA_GEMV_CLUSTER(c) __cluster_dims__(c, 1, 1)
+__device__ __forceinline__ void mbarrier_init(unsigned bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n"
+                 "fence.mbarrier_init.release.cluster;\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n"
+                 "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbarrier_expect(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_multicast(unsigned dst, const void *src, unsigned bytes, unsigned bar,
+                                               unsigned short mask) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+                 " [%0], [%1], %2, [%3], %4;\n" ::"r"(dst), "l"(src), "r"(bytes), "r"(bar), "h"(mask) : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(unsigned bar) {   // the barrier's first phase
+    asm volatile("{\n.reg .pred done;\nwait_%=:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], 0;\n"
+                 "@!done bra wait_%=;\n}\n" ::"r"(bar) : "memory");
+}
+#else
+#define TESSERA_GEMV_CLUSTER(c)   // no clusters before Hopper: gemv_mma_mc's body is empty there, never launched
+__device__ __forceinline__ void mbarrier_init(unsigned) {}
+__device__ __forceinline__ void cluster_sync() {}
+__device__ __forceinline__ void mbarrier_expect(unsigned, unsigned) {}
+__device__ __forceinline__ void bulk_multicast(unsigned, const void *, unsigned, unsigned, unsigned short) {}
+__device__ __forceinline__ void mbarrier_wait(unsigned) {}
+#endif
+
 // 16 bytes of shared memory at a 32-bit shared address (gemv_mma's LEAN loop: the address is computed once, not
 // rebuilt from a generic pointer each step). volatile + memory: never moved across the phase barriers.
 __device__ __forceinline__ uint4 lds128(unsigned addr) {
@@ -359,16 +397,21 @@ gemv_rows(const __nv_bfloat16 *__restrict__ x, long long ldx, const __nv_bfloat1
     }
 }
 
-template <typename WT, typename XT, typename OutT, int PRO, int PIPE = 0, int XPH = 1, int EPI = 0, int LEAN = 0>
-__global__ void __launch_bounds__(tessera_gemv::THREADS, 2)
-gemv_mma(const XT *__restrict__ x, long long ldx, const XT *__restrict__ norm_w, float eps, const WT *__restrict__ W,
-         long long ldw, const float *__restrict__ w_scale, const void *__restrict__ bias, int bias_kind,
-         const __nv_bfloat16 *residual, long long ldr, OutT *out, long long ldo, int B, int N, int K, int KS,
-         float *__restrict__ part, int *__restrict__ counters) {
+// gemv_mma's parameters and arguments, shared by its two kernels (gemv_mma, gemv_mma_mc) and their body
+#define GEMV_MMA_PARAMS                                                                                          \
+    const XT *__restrict__ x, long long ldx, const XT *__restrict__ norm_w, float eps, const WT *__restrict__ W,  \
+        long long ldw, const float *__restrict__ w_scale, const void *__restrict__ bias, int bias_kind,          \
+        const __nv_bfloat16 *residual, long long ldr, OutT *out, long long ldo, int B, int N, int K, int KS,      \
+        float *__restrict__ part, int *__restrict__ counters
+#define GEMV_MMA_ARGS x, ldx, norm_w, eps, W, ldw, w_scale, bias, bias_kind, residual, ldr, out, ldo, B, N, K, KS, part, counters
+
+template <typename WT, typename XT, typename OutT, int PRO, int PIPE, int XPH, int EPI, int LEAN, int MC>
+__device__ __forceinline__ void gemv_mma_body(GEMV_MMA_PARAMS) {
     using namespace tessera_gemv;
     constexpr int LOADS = Weights<WT>::LOADS, STEPS = Weights<WT>::STEPS, ITER_K = STEPS * STEP_K;
     constexpr int PARTS = PRO == 0 ? 1 : 2;           // staged x: XT values, or hi and lo parts of floats
     constexpr int PH = PRO == 0 ? XPH : 1;            // phases of x staging (a prologue stages through registers)
+    static_assert(MC == 1 || PRO == 0, "MC: plain x only");
     static_assert(PH == 1 || PH == 2 || PH == 4 || PH == 8, "XPH: 1, 2, 4 or 8 phases");
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ float ss_row[MAX_B];
@@ -431,7 +474,7 @@ gemv_mma(const XT *__restrict__ x, long long ldx, const XT *__restrict__ norm_w,
     // of a phase is row i / width, column i % width. A prologue goes through registers.
     const int iters = KS / ITER_K;
     auto phase_start = [&](int p) { return ITER_K * (p * iters / PH); };
-    if (PRO == 0) {
+    if (PRO == 0 && MC == 1) {
 #pragma unroll
         for (int p = 0; p < PH; ++p) {
             const int c0 = phase_start(p) / 8, width = phase_start(p + 1) / 8 - c0, total = B * width;
@@ -442,6 +485,35 @@ gemv_mma(const XT *__restrict__ x, long long ldx, const XT *__restrict__ norm_w,
             tessera::cp_async_commit();
         }
         if (PH == 1) tessera::cp_async_wait<0>();
+    }
+    // MC: the MC blocks of a cluster (consecutive row groups, one K slice) share one x slice: each row is read
+    // from global memory once and multicast into every block's shared memory by bulk copies, phase p (columns
+    // [phase_start(p), phase_start(p + 1)) of every row) completing on each block's barrier p. Copy (b, p) is
+    // issued by block (b * PH + p) % MC. A block zeroes the slice past K itself.
+    __shared__ __align__(8) unsigned long long x_ready[MC > 1 ? PH : 1];
+    const unsigned bars = tessera::smem_addr(x_ready);   // barrier p at bars + 8 p
+    if constexpr (MC > 1) {
+        const int rank = blockIdx.x % MC, valid = kend - k0;
+        auto phase_cols = [&](int p) { return max(0, min(phase_start(p + 1), valid) - phase_start(p)); };
+        if (tid < PH) mbarrier_init(bars + 8 * tid);
+        cluster_sync();   // every block's barriers are set up before any copy lands on them
+        if (tid < PH) mbarrier_expect(bars + 8 * tid, (unsigned)(B * phase_cols(tid) * sizeof(XT)));
+        if (tid < B * PH && tid % MC == rank) {
+            const int b = tid / PH, p = tid - b * PH, c0 = phase_start(p);
+            if (phase_cols(p) > 0)
+                bulk_multicast(tessera::smem_addr(xs + b * RS + c0), x + b * ldx + k0 + c0,
+                               (unsigned)(phase_cols(p) * sizeof(XT)), bars + 8 * p, (unsigned short)((1 << MC) - 1));
+        }
+        for (int i = tid; i < B * (KS - valid); i += THREADS) {
+            const int b = i / (KS - valid);
+            xs[b * RS + valid + (i - b * (KS - valid))] = XT(0.0f);
+        }
+        __syncthreads();   // the zeros
+        if (PH == 1) mbarrier_wait(bars);
+        if (row0 >= N) {   // a block past the last row group (the grid is a whole number of clusters): it leaves
+            for (int p = 0; p < PH; ++p) mbarrier_wait(bars + 8 * p);   // once every copy into it has landed
+            return;
+        }
     }
     const int total = B * CH;
     for (int base = 0; PRO != 0 && base < total; base += STAGE_UNROLL * THREADS) {
@@ -505,9 +577,14 @@ gemv_mma(const XT *__restrict__ x, long long ldx, const XT *__restrict__ norm_w,
     for (int kk = 0; kk < KS; kk += ITER_K) {
         if (!PIPE && kk > 0) load(kk);
         if (PH > 1 && kk >= wait_k) {   // uniform over the block: wait for every phase that starts by kk
+            const int before = staged;
             while (staged < PH && phase_start(staged) <= kk) ++staged;
-            cp_async_wait_pending(PH - staged);
-            __syncthreads();
+            if constexpr (MC > 1) {
+                for (int p = before; p < staged; ++p) mbarrier_wait(bars + 8 * p);
+            } else {
+                cp_async_wait_pending(PH - staged);
+                __syncthreads();
+            }
             wait_k = staged < PH ? phase_start(staged) : KS;
         }
 #pragma unroll
@@ -706,6 +783,19 @@ gemv_mma(const XT *__restrict__ x, long long ldx, const XT *__restrict__ norm_w,
         for (int s = 0; s < S; ++s) v += __ldcg(tiles + (long long)s * TILE_FLOATS + i);
         finish(b, n, v, PRO == 1 ? ss_row[b] : 0.0f);
     }
+}
+
+template <typename WT, typename XT, typename OutT, int PRO, int PIPE = 0, int XPH = 1, int EPI = 0, int LEAN = 0>
+__global__ void __launch_bounds__(tessera_gemv::THREADS, 2) gemv_mma(GEMV_MMA_PARAMS) {
+    gemv_mma_body<WT, XT, OutT, PRO, PIPE, XPH, EPI, LEAN, 1>(GEMV_MMA_ARGS);
+}
+
+// gemv_mma with its x slice multicast over clusters of MC blocks (grid x a multiple of MC); sm_90 only.
+template <typename WT, typename XT, typename OutT, int PRO, int PIPE, int XPH, int EPI, int LEAN, int MC>
+__global__ void TESSERA_GEMV_CLUSTER(MC) __launch_bounds__(tessera_gemv::THREADS, 2) gemv_mma_mc(GEMV_MMA_PARAMS) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    gemv_mma_body<WT, XT, OutT, PRO, PIPE, XPH, EPI, LEAN, MC>(GEMV_MMA_ARGS);
+#endif
 }
 
 using bf16_t = __nv_bfloat16;

@@ -55,11 +55,15 @@ GEMV_BLOCKS_PER_SM = 1.5                           # split K until the grid has 
 # names must also be listed in gemv.cu's tessera-instantiate lines (tests/nn/test_casted.py checks).
 GEMV_VARIANTS = {"base": (0, 1, 0, 0), "lean": (0, 1, 0, 1), "pipe": (1, 1, 0, 0), "epi": (0, 1, 1, 0),
                  "x4": (0, 4, 0, 0), "pipe_lean": (1, 1, 0, 1), "ple": (1, 1, 1, 1), "ple_x2": (1, 2, 1, 1),
-                 "ple_x4": (1, 4, 1, 1), "ple_x8": (1, 8, 1, 1), "le_x4": (0, 4, 1, 1)}
+                 "ple_x4": (1, 4, 1, 1), "ple_x8": (1, 8, 1, 1), "le_x4": (0, 4, 1, 1),
+                 "ple_mc2": (1, 1, 1, 1, 2)}
+# A fifth value MC > 1: gemv_mma_mc, x read once for a cluster of MC blocks and multicast to them (plain x, sm_90).
 # plain x: (most rows of x, variant), the first entry that holds B. bench/tune_gemv_mma.py (H100, 2026-11-25, cold
-# int8 weights, us at M = 1 / 8 / 16): 8192^2 base 30.6 / 33.2 / 38.5, ple_x4 28.5 / 30.2 / 33.1; 28672 x 8192 base
-# 99.7 / 103.2 / 112.2, ple_x4 89.5 / 91.3 / 96.3; ple_x4 the fastest or within 1.5% of it at every M.
-GEMV_VARIANT_BY_ROWS = ((16, "ple_x4"),)
+# int8 weights, us at M = 1 / 8 / 16, two runs): 8192^2 base 30.4-30.7 / 32.8-33.4 / 38.2-38.6, ple_x4 28.2-28.4 /
+# 30.6-30.7 / 33.0-33.5, ple_mc2 28.3-28.8 / 28.6-28.9 / 30.0-30.1; 28672 x 8192 ple_x4 89.8-91.3 / 91.3 / 96.3-99.5,
+# ple_mc2 92.1-93.1 / 91.5 / 92.2. (Clusters of 4: 34.5 us at 8192^2, M=1; x phases with the multicast: slower.)
+GEMV_VARIANT_BY_ROWS = ((4, "ple_x4"), (16, "ple_mc2"))
+GEMV_VARIANT_NO_CLUSTERS = "ple_x4"                # in place of a cluster variant before sm_90
 GATHER_THREADS = 128                               # embedding gathers (cuda/quant.cu)
 MAX_GRID_Y = 65535
 LINEAR_MODES = ("auto", "w8a8", "weight_only")
@@ -501,21 +505,28 @@ def _gemv_kernel(name):
     return runtime.get_kernel("gemv.cu", name)
 
 
-def gemv_variant(rows, prologue=0):
+def gemv_variant(rows, prologue=0, clusters=True):
     """The gemv_mma variant (a GEMV_VARIANTS key) for ``rows`` rows of x: ``GEMV_VARIANT_BY_ROWS``'s on plain x
-    (what the tuning run measured), the base with a prologue."""
+    (what the tuning run measured; ``clusters``: the GPU has thread-block clusters), the base with a prologue."""
     if prologue == 0:
         for most, name in GEMV_VARIANT_BY_ROWS:
             if rows <= most:
-                return name
+                return name if clusters or _gemv_cluster(name) == 1 else GEMV_VARIANT_NO_CLUSTERS
     return "base"
 
 
 def gemv_kernel_name(wt, xt, ot, prologue, variant="base"):
     """The gemv.cu instantiation of gemv_mma for these CUDA type names, prologue and variant ("base" keeps the
     template's defaults, so its name is the one listed since before the variants)."""
-    args = "" if variant == "base" else "".join(f", {v}" for v in GEMV_VARIANTS[variant])
-    return f"gemv_mma<{wt}, {xt}, {ot}, {prologue}{args}>"
+    values = () if variant == "base" else GEMV_VARIANTS[variant]
+    kernel = "gemv_mma_mc" if _gemv_cluster(variant) > 1 else "gemv_mma"
+    return f"{kernel}<{wt}, {xt}, {ot}, {prologue}{''.join(f', {v}' for v in values)}>"
+
+
+def _gemv_cluster(variant):
+    """Blocks per cluster of a gemv_mma variant (1: no clusters)."""
+    values = GEMV_VARIANTS[variant]
+    return values[4] if len(values) > 4 else 1
 
 
 def gemv_mma(x, weight, out, scale=None, bias=None, norm=None, eps=1e-6, swiglu=False, residual=None,
@@ -537,10 +548,12 @@ def gemv_mma(x, weight, out, scale=None, bias=None, norm=None, eps=1e-6, swiglu=
     xt = _GEMV_X[numpy.dtype(x.dtype)]
     wt = "signed char" if weight.dtype == numpy.int8 else "__nv_bfloat16"
     ot = "float" if out.dtype == numpy.float32 else xt
-    kernel = _gemv_kernel(gemv_kernel_name(wt, xt, ot, pro, variant or gemv_variant(B, pro)))
+    variant = variant or gemv_variant(B, pro, runtime.compute_capability() >= 90)
+    kernel = _gemv_kernel(gemv_kernel_name(wt, xt, ot, pro, variant))
+    mc = _gemv_cluster(variant)
     null, i32, i64 = numpy.uint64(0), numpy.int32, numpy.int64
     bias_kind = 0 if bias is None else (1 if bias.dtype == numpy.float32 else 2)
-    runtime.launch(kernel, (groups, S), GEMV_THREADS,
+    runtime.launch(kernel, (mc * -(-groups // mc), S), GEMV_THREADS,
                    (x, i64(x.strides[0] // x.dtype.itemsize), null if norm is None else norm, numpy.float32(eps),
                     weight, i64(K), null if scale is None else scale, null if bias is None else bias, i32(bias_kind),
                     null if residual is None else residual, i64(0 if residual is None else residual.strides[0] // 2),

@@ -160,15 +160,17 @@ def test_gemv_variant_policy_covers_every_row_count_and_is_listed():
     limits = [most for most, _ in casted.GEMV_VARIANT_BY_ROWS]
     assert limits == sorted(limits) and limits[-1] >= casted.GEMV_MAX_ROWS
     for rows in range(1, casted.GEMV_MAX_ROWS + 1):
-        variant = casted.gemv_variant(rows, 0)
-        assert variant in casted.GEMV_VARIANTS
-        for wt, xt, ot in PLAIN_X:
-            assert casted.gemv_kernel_name(wt, xt, ot, 0, variant) in listed, (rows, variant)
+        for clusters in (True, False):
+            variant = casted.gemv_variant(rows, 0, clusters)
+            assert variant in casted.GEMV_VARIANTS
+            assert clusters or len(casted.GEMV_VARIANTS[variant]) < 5   # no cluster kernel before sm_90
+            for wt, xt, ot in PLAIN_X:
+                assert casted.gemv_kernel_name(wt, xt, ot, 0, variant) in listed, (rows, variant)
         assert casted.gemv_variant(rows, 1) == casted.gemv_variant(rows, 2) == "base"
     assert casted.gemv_kernel_name("signed char", "__nv_bfloat16", "__nv_bfloat16", 0) == \
         "gemv_mma<signed char, __nv_bfloat16, __nv_bfloat16, 0>"   # the base keeps the template's defaults
-    for pipe, xph, epi, lean in casted.GEMV_VARIANTS.values():
-        assert pipe in (0, 1) and xph in (1, 2, 4, 8) and epi in (0, 1) and lean in (0, 1)
+    for pipe, xph, epi, lean, *mc in casted.GEMV_VARIANTS.values():
+        assert pipe in (0, 1) and xph in (1, 2, 4, 8) and epi in (0, 1) and lean in (0, 1) and mc in ([], [2])
     assert casted.GEMV_VARIANTS["base"] == (0, 1, 0, 0)
 
 
