@@ -410,7 +410,7 @@ __device__ __forceinline__ void gemv_mma_body(GEMV_MMA_PARAMS) {
     using namespace tessera_gemv;
     constexpr int LOADS = Weights<WT>::LOADS, STEPS = Weights<WT>::STEPS, ITER_K = STEPS * STEP_K;
     constexpr int PARTS = PRO == 0 ? 1 : 2;           // staged x: XT values, or hi and lo parts of floats
-    constexpr int PH = PRO == 0 ? XPH : 1;            // phases of x staging (a prologue stages through registers)
+    constexpr int PH = PRO == 0 && MC == 1 ? XPH : 1; // phases of x staging (a prologue stages through registers)
     static_assert(MC == 1 || PRO == 0, "MC: plain x only");
     static_assert(PH == 1 || PH == 2 || PH == 4 || PH == 8, "XPH: 1, 2, 4 or 8 phases");
     extern __shared__ __align__(16) unsigned char smem[];
@@ -486,34 +486,25 @@ __device__ __forceinline__ void gemv_mma_body(GEMV_MMA_PARAMS) {
         }
         if (PH == 1) tessera::cp_async_wait<0>();
     }
-    // MC: the MC blocks of a cluster (consecutive row groups, one K slice) share one x slice: each row is read
-    // from global memory once and multicast into every block's shared memory by bulk copies, phase p (columns
-    // [phase_start(p), phase_start(p + 1)) of every row) completing on each block's barrier p. Copy (b, p) is
-    // issued by block (b * PH + p) % MC. A block zeroes the slice past K itself.
-    __shared__ __align__(8) unsigned long long x_ready[MC > 1 ? PH : 1];
-    const unsigned bars = tessera::smem_addr(x_ready);   // barrier p at bars + 8 p
     if constexpr (MC > 1) {
+        // The MC blocks of a cluster (consecutive row groups, one K slice) share one x slice: each row is read
+        // from global memory once and multicast into every block's shared memory by a bulk copy that completes
+        // on each block's barrier. Block `rank` issues rows b with b % MC == rank; a block zeroes past K itself.
+        __shared__ __align__(8) unsigned long long x_ready;
+        const unsigned bar = tessera::smem_addr(&x_ready);
         const int rank = blockIdx.x % MC, valid = kend - k0;
-        auto phase_cols = [&](int p) { return max(0, min(phase_start(p + 1), valid) - phase_start(p)); };
-        if (tid < PH) mbarrier_init(bars + 8 * tid);
-        cluster_sync();   // every block's barriers are set up before any copy lands on them
-        if (tid < PH) mbarrier_expect(bars + 8 * tid, (unsigned)(B * phase_cols(tid) * sizeof(XT)));
-        if (tid < B * PH && tid % MC == rank) {
-            const int b = tid / PH, p = tid - b * PH, c0 = phase_start(p);
-            if (phase_cols(p) > 0)
-                bulk_multicast(tessera::smem_addr(xs + b * RS + c0), x + b * ldx + k0 + c0,
-                               (unsigned)(phase_cols(p) * sizeof(XT)), bars + 8 * p, (unsigned short)((1 << MC) - 1));
-        }
+        if (tid == 0) mbarrier_init(bar);
+        cluster_sync();   // every block's barrier is set up before any copy lands on it
+        if (tid == 0) mbarrier_expect(bar, (unsigned)(B * valid * sizeof(XT)));
+        if (tid < B && tid % MC == rank)
+            bulk_multicast(tessera::smem_addr(xs + tid * RS), x + tid * ldx + k0, (unsigned)(valid * sizeof(XT)), bar,
+                           (unsigned short)((1 << MC) - 1));
         for (int i = tid; i < B * (KS - valid); i += THREADS) {
             const int b = i / (KS - valid);
             xs[b * RS + valid + (i - b * (KS - valid))] = XT(0.0f);
         }
-        __syncthreads();   // the zeros
-        if (PH == 1) mbarrier_wait(bars);
-        if (row0 >= N) {   // a block past the last row group (the grid is a whole number of clusters): it leaves
-            for (int p = 0; p < PH; ++p) mbarrier_wait(bars + 8 * p);   // once every copy into it has landed
-            return;
-        }
+        mbarrier_wait(bar);   // (the zeros: the barrier after the staging)
+        if (row0 >= N) return;   // a block past the last row group (the grid is a whole number of clusters)
     }
     const int total = B * CH;
     for (int base = 0; PRO != 0 && base < total; base += STAGE_UNROLL * THREADS) {
@@ -577,14 +568,9 @@ __device__ __forceinline__ void gemv_mma_body(GEMV_MMA_PARAMS) {
     for (int kk = 0; kk < KS; kk += ITER_K) {
         if (!PIPE && kk > 0) load(kk);
         if (PH > 1 && kk >= wait_k) {   // uniform over the block: wait for every phase that starts by kk
-            const int before = staged;
             while (staged < PH && phase_start(staged) <= kk) ++staged;
-            if constexpr (MC > 1) {
-                for (int p = before; p < staged; ++p) mbarrier_wait(bars + 8 * p);
-            } else {
-                cp_async_wait_pending(PH - staged);
-                __syncthreads();
-            }
+            cp_async_wait_pending(PH - staged);
+            __syncthreads();
             wait_k = staged < PH ? phase_start(staged) : KS;
         }
 #pragma unroll
