@@ -14,6 +14,10 @@ Tried and not kept (stream us, programmatic): the paged decode and its combine l
 1150.2; the combine kernel replaced by a merge in the last split's block (a ticket per head group), 1199.8 with a
 warp per row and 1156.5 with the block over (row, column pair), while bench_paged's MLA decode went 166 -> 233 us.
 The single-replay figure moves by +-100 us between runs on the same machine; the stream figure within ~1%.
+H100, 2026-11-25, later session (stream us): PDL with 4 / 8 / 16 bf16 rows a gemv_rows block 1137.3 / 1147.6 /
+1198.4, plain 1174.9 (4 kept); after rope_append went to one thread per column pair and the paged combine and
+argmax to loads in flight (--kernels: 4.18 -> 1.69, 4.52 -> 3.97, 8.59 -> 4.87 us a launch): 1063.2 / 1072.8 /
+1130.3, plain 1102.6.
 """
 import sys
 import time

@@ -5,8 +5,9 @@ GPU machine (about a minute on an H100):
 
 Issue 11's figures: at M = 1..16 rows of x, N = K = 8192 and N = 28672, K = 8192 (int8 W + f32 row scales, bf16 x
 and out), >= 1.6x faster than the cuBLAS bf16 product of the same shape and >= 75% of the 3.0 TB/s copy ceiling
-in weight bytes read. The variants (nn/casted.py GEMV_VARIANTS: template arguments PIPE, XPH, EPI, LEAN; gemv.cu's
-header says what each changes) all compute the same bits as "base" (the kernel before them).
+in weight bytes read. The variants (nn/casted.py GEMV_VARIANTS: template arguments PIPE, XPH, EPI, LEAN and, for
+gemv_mma_mc, MC; gemv.cu's header says what each changes) all compute the same bits as "base" (the kernel before
+them).
 
 1. One NVRTC build of gemv.cu with every variant instantiation the checks and timings use.
 2. Correctness, on fresh random inputs with NaN-poisoned outputs: every variant equals "base" bit for bit (odd
