@@ -14,6 +14,7 @@ import functools
 import itertools
 import sys
 import threading
+import time
 import zlib
 
 import numpy
@@ -456,6 +457,9 @@ def normalize_sharding(sharding, ndim, mesh):
 
 # ----------------------------------------------------------------------------------------------- faults
 _installed = False
+# Before the abort: mpiexec forwards a rank's output through its proxies, and an abort can end the job before the
+# last lines (this traceback) arrive; a failing job waits this long so that the user sees why it failed.
+ABORT_GRACE_S = 0.5
 
 
 def install_abort_on_exception():
@@ -472,6 +476,7 @@ def install_abort_on_exception():
         previous(kind, value, traceback)
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)
         MPI.COMM_WORLD.Abort(1)
 
     sys.excepthook = hook
