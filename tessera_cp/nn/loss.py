@@ -235,12 +235,12 @@ def _rows_forward_kernel(x, targets, ignore_index, smoothing, grad, grad_scale, 
         m, log_s = (xp.empty(n, dtype=numpy.float32) for _ in range(2)) if stats else (None, None)
     if n:
         runtime, kernel, grid, block = _forward_plan(x, grad, cluster, packs)
-        launch = runtime.launch_planned if backend.is_cupy_array(x) else runtime.launch
-        launch(kernel, grid, block,
-               (x, targets, loss, _NULL if m is None else m, _NULL if log_s is None else log_s,
-                x if grad is None else grad, numpy.int64(n), numpy.int64(v),
-                numpy.int64(ignore_index), numpy.float32(smoothing), numpy.float32(grad_scale),
-                numpy.int32(grad is not None), _no_check(x) if check is None else check, numpy.int32(per_count)))
+        runtime.launch_planned(kernel, grid, block,
+                               (x, targets, loss, _NULL if m is None else m, _NULL if log_s is None else log_s,
+                                x if grad is None else grad, numpy.int64(n), numpy.int64(v),
+                                numpy.int64(ignore_index), numpy.float32(smoothing), numpy.float32(grad_scale),
+                                numpy.int32(grad is not None), _no_check(x) if check is None else check,
+                                numpy.int32(per_count)))
     return loss, m, log_s
 
 
@@ -408,14 +408,13 @@ class _TargetCheck:
         self.flat, self.n_classes, self.ignore = flat, n_classes, ignore
         self.counts = xp.empty(2, dtype=numpy.uint64)
         runtime, kernel = _kernel_for(flat, "count_targets")
-        args = (flat, numpy.int64(flat.size), numpy.int64(n_classes), numpy.int64(ignore), self.counts)
+        runtime.launch_planned(kernel, (1,), (COUNT_THREADS,), (flat, numpy.int64(flat.size),
+                                                                 numpy.int64(n_classes), numpy.int64(ignore),
+                                                                 self.counts))
         self.side = None
-        if xp is numpy:
-            runtime.launch(kernel, (1,), (COUNT_THREADS,), args)
-            return
-        runtime.launch_planned(kernel, (1,), (COUNT_THREADS,), args)
-        self.side, self.done = _side_stream(xp, flat.device.id)
-        self.done.record()
+        if xp is not numpy:
+            self.side, self.done = _side_stream(xp, flat.device.id)
+            self.done.record()
 
     def result(self, shape, name):
         """The number of counted (not ignored) targets; IndexOutOfRangeError for any other outside [0, n_classes).
