@@ -54,6 +54,17 @@ def _baselines(q, k, v, causal, grad=None, dropout_p=0.0):
     return out
 
 
+def _without_sm90(fn):
+    """fn with the Hopper forward turned off (TESSERA_ATTN_SM90=0): the mma.sync kernel, for comparison."""
+    def run():
+        os.environ["TESSERA_ATTN_SM90"] = "0"
+        try:
+            return fn()
+        finally:
+            del os.environ["TESSERA_ATTN_SM90"]
+    return run
+
+
 def _inputs(B, Hq, Hkv, Sq, Sk, D, grad=False):
     q = tc.randn(B, Hq, Sq, D, dtype=tc.bf16, device="cuda", requires_grad=grad)
     k = tc.randn(B, Hkv, Sk, D, dtype=tc.bf16, device="cuda", requires_grad=grad)
@@ -74,8 +85,9 @@ def test_attention_forward(cuda_bench, shape):
     B, H, S, D, causal = shape
     q, k, v = _inputs(B, H, H, S, S, D)
     flops = 4 * B * H * S * S * D // (2 if causal else 1)
-    cuda_bench(f"attn fwd B{B} H{H} S{S} D{D}{' causal' if causal else ''}",
-               lambda: A.attention(q, k, v, is_causal=causal), flops=flops, baselines=_baselines(q, k, v, causal))
+    ours = lambda: A.attention(q, k, v, is_causal=causal)  # noqa: E731
+    baselines = {"tessera mma.sync": _without_sm90(ours), **_baselines(q, k, v, causal)}
+    cuda_bench(f"attn fwd B{B} H{H} S{S} D{D}{' causal' if causal else ''}", ours, flops=flops, baselines=baselines)
 
 
 @pytest.mark.gpu

@@ -222,3 +222,21 @@ def encode_tiled(array, box, *, element_strides=None, swizzle=0, l2_promotion=12
     args = tiled_args(array.dtype, array.shape, array.strides, array.data.ptr, box, element_strides=element_strides,
                       swizzle=swizzle, l2_promotion=l2_promotion, oob_fill=oob_fill)
     return TensorMap(_driver().encode_tiled(args), args, array)
+
+
+_params = {}  # (address, shape, strides, dtype, box, swizzle) -> the 128-byte kernel parameter
+_PARAMS_KEPT = 512
+
+
+def tensor_map_param(array, box, *, swizzle=0):
+    """``encode_tiled(array, box, swizzle=swizzle).param``, kept per (address, shape, strides, dtype, box, swizzle):
+    the map depends on nothing else, so a repeated call skips the checks and the driver call (tens of microseconds,
+    several per attention call). Unlike a TensorMap, nothing keeps ``array`` alive: the caller must, while a kernel
+    launched with the parameter may run (a launch on the array's stream does)."""
+    key = (array.data.ptr, array.shape, array.strides, array.dtype.str, tuple(box), swizzle)
+    param = _params.get(key)
+    if param is None:
+        if len(_params) >= _PARAMS_KEPT:
+            _params.clear()
+        param = _params[key] = encode_tiled(array, box, swizzle=swizzle).param
+    return param

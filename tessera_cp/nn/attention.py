@@ -360,6 +360,8 @@ def _forward_kernel(q, k, v, mask, slopes, scale, causal, drop=None):
     or dropout the launch is planned once per shape, strides, scale, device and stream, then only outputs are
     allocated."""
     xp = backend.array_module(q)
+    if mask is None and slopes is None and drop is None and _use_sm90(q, scale):
+        return _forward_sm90(q, k, v, scale, causal)
     if mask is not None or slopes is not None or drop is not None or (q.data.ptr | k.data.ptr | v.data.ptr) & 15:
         return _run_forward(_forward_plan(q, k, v, mask, slopes, scale, causal, drop), q, k, v, xp)
     key = (q.shape, k.shape, v.shape, q.strides, k.strides, v.strides, q.dtype, scale, causal,
@@ -435,6 +437,51 @@ def _forward_plan(q, k, v, mask, slopes, scale, causal, drop=None):
     # grid: (heads and batch, row blocks, key splits); the kernel walks row blocks longest-first.
     return (kernel, (heads * B, m_blocks, n_splits), (32 * warps,), smem, _scalar_args(raw), (B, Hq, Sq, D),
             (B, Hq, Sq), (q2, k2, v2) if copied else None, not copied, raw)
+
+
+# The Hopper forward (cuda/attention_sm90.cu): wgmma and TMA, 128 query rows a block, 384 threads; compute
+# capability 9.0, head dims 64 and 128, no mask, ALiBi or dropout, and enough row blocks to fill the GPU (decode
+# shapes keep attn_fwd's packed, split-KV launch). TESSERA_ATTN_SM90=0 turns it off (A/B comparisons).
+_SM90_DIMS = (64, 128)
+_SM90_ROWS = 128     # BM = BN of the kernel
+_SM90_THREADS = 384
+
+
+def _sm90_smem(D):
+    """attention_sm90.cu's smem_bytes<D>(): Q, 2 stages of K and V (64-column boxes of 128-byte rows), 9
+    barriers, 1024 bytes to align the base."""
+    box = _SM90_ROWS * 128
+    return (D // 64) * box * (1 + 2 * 2) + 8 * 9 + 1024
+
+
+def _use_sm90(q, scale):
+    if q.shape[-1] not in _SM90_DIMS or not scale > 0 or os.environ.get("TESSERA_ATTN_SM90", "1") == "0":
+        return False
+    xp = backend.array_module(q)
+    if runtime.compute_capability(xp.cuda.runtime.getDevice()) != 90:
+        return False
+    B, Hq, Sq, _ = q.shape
+    return B * Hq * -(-Sq // _SM90_ROWS) >= _device_info(xp)[0]
+
+
+def _forward_sm90(q, k, v, scale, causal):
+    """(out, lse) from attn_fwd_sm90. TMA reads q, k, v through 4-D tensor maps (rows past the end come in as
+    zeros) and writes out through one (rows past Sq are not written)."""
+    from ..cuda import tma
+    xp = backend.array_module(q)
+    q, k, v = _rows_ready(q)[0], _rows_ready(k)[0], _rows_ready(v)[0]
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    o = _alloc(xp, (B, Hq, Sq, D), q.dtype)
+    lse = _alloc(xp, (B, Hq, Sq), xp.float32)
+    maps = [tma.tensor_map_param(x, (1, 1, rows, 64), swizzle=128)
+            for x, rows in ((q, _SM90_ROWS), (k, _SM90_ROWS), (v, _SM90_ROWS), (o, _SM90_ROWS // 2))]
+    kernel = _kernel("attention_sm90.cu",
+                     f"attn_fwd_sm90<{_KERNEL_TYPES[q.dtype]}, {D}, {'true' if causal else 'false'}>")
+    _launch(kernel, (Hq * B, -(-Sq // _SM90_ROWS)), (_SM90_THREADS,),
+            (*maps, lse, numpy.int32(Hq), numpy.int32(Hkv), numpy.int32(Sq), numpy.int32(Sk), numpy.float32(scale)),
+            shared_mem=_sm90_smem(D))
+    return o, lse
 
 
 _bwd_plans = runtime.LaunchPlans()  # unmasked backward: (shapes, strides, dtype, scale, causal, device) -> plan
@@ -735,10 +782,10 @@ def _short_plan(q, k, v, scale, causal, key, cupy):
     if os.environ.get("TESSERA_REFERENCE", "") == "1" or (qd.data.ptr | kd.data.ptr | vd.data.ptr) & 15:
         return None  # nothing kept: either may differ at the next call
     plan = None
-    if _kernel_ready(qd, kd, vd, None, None, False):
-        D = qd.shape[-1]
-        fplan = _forward_plan(qd, kd, vd, None, None, 1.0 / math.sqrt(D) if scale is None else float(scale),
-                              bool(causal))
+    D = qd.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if _kernel_ready(qd, kd, vd, None, None, False) and not _use_sm90(qd, scale):
+        fplan = _forward_plan(qd, kd, vd, None, None, scale, bool(causal))
         if fplan[8]:  # no contiguous copies needed
             B, Hq, Sq, _ = qd.shape
             plan = _ShortPlan(fplan, _lse_scratch(cupy, B * Hq * Sq), qd.dtype)

@@ -10,6 +10,7 @@ import numpy
 import pytest
 
 import tessera_cp as tc
+from tessera_cp.cuda import runtime
 from tessera_cp.errors import DTypeError, ShapeError, TesseraError
 from tessera_cp.testing import gradcheck
 
@@ -423,6 +424,16 @@ def test_kernel_sources_list_the_instantiations_dispatch_asks_for():
             assert f"attn_bwd_dkdv<{t}, {d}, {w}, {bmq}, true, true>" in bwd
 
 
+def test_hopper_kernel_is_listed_and_fits():
+    cuda = pathlib.Path(A.__file__).resolve().parent.parent / "cuda"
+    src = (cuda / "attention_sm90.cu").read_text()
+    for t in ("__nv_bfloat16", "__half"):
+        for d in A._SM90_DIMS:
+            for causal in ("false", "true"):
+                assert f"attn_fwd_sm90<{t}, {d}, {causal}>" in src
+    assert A._sm90_smem(128) == 128 * 128 * 2 * 5 + 72 + 1024 <= 227 * 1024
+
+
 def test_tile_tables_fit_the_kernels():
     # Shared memory per block (the H100 allows 227 KiB) and the shapes the kernels' static_asserts accept.
     for table in (A._FWD_TILES, A._MASKED_TILES, A._DECODE_TILES, A._DROP_TILES):
@@ -572,6 +583,71 @@ def test_gpu_forward_backward(poison, case, dtype):
     for name, got, r64, lp in zip(("out", "dq", "dk", "dv"), (out.data, q.grad.data, k.grad.data, v.grad.data),
                                   ref, plain):
         _close(cupy, got, r64, lp, f"{case} {dtype} {name}", atol=1e-4 * float(abs(r64).max()) + 1e-6)
+
+
+# The sm_90 kernel (attention_sm90.cu) takes D 64 / 128 without mask, ALiBi or dropout when the call has at least
+# as many 128-row blocks as the GPU has SMs (132 on the H100): these cases have that many.
+HOPPER_CASES = [  # B, Hq, Hkv, Sq, Sk, D, causal
+    (2, 16, 4, 1000, 1037, 128, True),     # GQA 4, tails in rows and keys
+    (2, 16, 4, 1000, 1037, 128, False),
+    (3, 48, 8, 259, 259, 64, True),
+    (1, 132, 132, 77, 200, 64, False),     # one partial row block a head
+    (2, 66, 66, 300, 100, 128, True),      # Sq > Sk: rows (and whole blocks) that see nothing
+    (2, 64, 8, 200, 1000, 128, True),      # Sq < Sk
+    (1, 66, 1, 512, 512, 64, True),        # MQA, lengths multiples of the tile
+    (1, 8, 2, 4097, 4097, 128, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,dtype", [(c, "bf16") for c in HOPPER_CASES] + [(c, "f16") for c in HOPPER_CASES[::2]])
+def test_gpu_hopper_forward(poison, monkeypatch, case, dtype):
+    """The sm_90 forward is chosen, matches the float64 reference (out), agrees with the mma.sync kernel's LSE,
+    and its out and LSE drive the backward to the reference gradients."""
+    cupy = _cupy()
+    if runtime.compute_capability() != 90:
+        pytest.skip("the wgmma kernel needs compute capability 9.0")
+    B, Hq, Hkv, Sq, Sk, D, causal = case
+    dt = tc.bf16 if dtype == "bf16" else tc.f16
+    q = tc.randn(B, Hq, Sq, D, dtype=dt, device="cuda", requires_grad=True)
+    k = tc.randn(B, Hkv, Sk, D, dtype=dt, device="cuda", requires_grad=True)
+    v = tc.randn(B, Hkv, Sk, D, dtype=dt, device="cuda", requires_grad=True)
+    scale = 1.0 / math.sqrt(D)
+    assert A._use_sm90(q.data, scale)
+    _, lse = A._forward_kernel(q.data, k.data, v.data, None, None, scale, causal)
+    monkeypatch.setenv("TESSERA_ATTN_SM90", "0")
+    assert not A._use_sm90(q.data, scale)
+    _, lse_sm80 = A._forward_kernel(q.data, k.data, v.data, None, None, scale, causal)
+    monkeypatch.delenv("TESSERA_ATTN_SM90")
+    lse, lse_sm80 = cupy.asnumpy(lse), cupy.asnumpy(lse_sm80)
+    assert numpy.array_equal(numpy.isinf(lse), numpy.isinf(lse_sm80)) and not numpy.isnan(lse).any()
+    finite = numpy.isfinite(lse)
+    numpy.testing.assert_allclose(lse[finite], lse_sm80[finite], rtol=0, atol=2e-4)
+    out = A.attention(q, k, v, is_causal=causal)
+    dout = tc.randn(B, Hq, Sq, D, dtype=dt, device="cuda")
+    out.backward(dout)
+    ref = _ref_gpu(q.data, k.data, v.data, causal=causal, dout=dout.data)
+    plain = _ref_gpu(q.data, k.data, v.data, causal=causal, dout=dout.data, lowp=dt.storage)
+    for name, got, r64, lp in zip(("out", "dq", "dk", "dv"), (out.data, q.grad.data, k.grad.data, v.grad.data),
+                                  ref, plain):
+        _close(cupy, got, r64, lp, f"{case} {dtype} {name}", atol=1e-4 * float(abs(r64).max()) + 1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_hopper_forward_strided_q(poison):
+    """q as a [B, S, H, D] buffer viewed [B, H, S, D]: the tensor map takes its strides, no copy."""
+    cupy = _cupy()
+    if runtime.compute_capability() != 90:
+        pytest.skip("the wgmma kernel needs compute capability 9.0")
+    base = tc.randn(2, 300, 66, 64, dtype=tc.bf16, device="cuda")
+    q = tc.Tensor(base.data.transpose(0, 2, 1, 3))
+    k = tc.randn(2, 22, 333, 64, dtype=tc.bf16, device="cuda")
+    v = tc.randn(2, 22, 333, 64, dtype=tc.bf16, device="cuda")
+    assert A._use_sm90(q.data, 0.125) and A._rows_ready(q.data)[0] is q.data
+    out = A.attention(q, k, v, is_causal=True)
+    ref = _ref_gpu(q.data, k.data, v.data, causal=True)
+    plain = _ref_gpu(q.data, k.data, v.data, causal=True, lowp=tc.bf16.storage)
+    _close(cupy, out.data, ref, plain, "strided q (sm90)", atol=1e-5)
 
 
 @pytest.mark.gpu
