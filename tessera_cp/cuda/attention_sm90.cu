@@ -2,15 +2,18 @@
 // tessera_cp/nn/attention.py on compute capability 9.0 for bf16/f16, D = 64 or 128, without mask, ALiBi or
 // dropout (those, decode-shaped calls and other GPUs take attention.cu's mma.sync kernels, which stay the fallback).
 //
-// attn_fwd_sm90<T, D, CAUSAL>: one block of 384 threads owns BM = 128 query rows of one head (grid = (Hq * B, row
-// blocks); row blocks run in reverse order, the longest causal rows first) and walks its key tiles of BN = 128.
+// attn_fwd_sm90<T, D, CAUSAL>: one block of 384 threads owns BM = 128 query rows of one head (grid = (row blocks,
+// Hq * B): the blocks that run at once share a few heads' K and V, which then stay in L2, instead of each reading
+// its own head from HBM; row blocks run in reverse order, the longest causal rows first) and walks its key tiles
+// of BN = 128.
 //   * Warpgroup 0 is the producer: after giving registers back (setmaxnreg), one thread issues TMA loads of Q
 //     (once) and of the K and V tiles into a ring of STAGES stages, each completing on a "full" mbarrier; it waits
 //     on the stage's "empty" mbarrier (one arrival per consumer warp) before reusing it.
 //   * Warpgroups 1 and 2 are consumers, 64 query rows each. Per key tile: S = Q K^T (wgmma, both operands from
 //     shared memory), masks on the diagonal / tail tiles only, online softmax in registers (log2 units), P packed
 //     to T in registers, O += P V (wgmma with A = P from registers, B = V read MN-major). The product for the next
-//     tile's S is issued before this tile's P V completes, so the softmax of one tile runs beside the tensor cores.
+//     tile's S is issued before this tile's P V completes, so the softmax of one tile runs beside the tensor cores;
+//     and the two warpgroups take turns to issue (ping-pong), so one's softmax runs while the other's products do.
 //   * Shared memory holds each operand as TMA writes it with the 128-byte swizzle: 64-column boxes of rows of 128
 //     bytes. The wgmma descriptors read that layout directly: K-major (Q, K) with an 8-row group stride of 1024
 //     bytes, stepping 32 bytes per 16 columns; MN-major (V) with the same 8-row stride along the keys and the box
@@ -225,8 +228,8 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
     auto empty_k = [&](int s) { return bars + 8u * (1 + 2 * STAGES + s); };
     auto empty_v = [&](int s) { return bars + 8u * (1 + 3 * STAGES + s); };
 
-    const int b = blockIdx.x / Hq, h = blockIdx.x % Hq, hk = h / (Hq / Hkv);
-    const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;
+    const int b = blockIdx.y / Hq, h = blockIdx.y % Hq, hk = h / (Hq / Hkv);
+    const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
     const int diag = Sk - Sq;  // row i sees keys j <= i + diag under CAUSAL
     int n_tiles = (Sk + BN - 1) / BN;
     if (CAUSAL) {
@@ -361,13 +364,20 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
     auto release = [&](unsigned bar) {
         if (lane == 0) mbar_arrive(bar);
     };
+    // Ping-pong: the two consumer warpgroups take turns to issue their products (named barriers 3 and 4), so one
+    // warpgroup's softmax runs while the other's products hold the tensor cores.
+    auto my_turn = [&]() { named_sync(3 + cw, 256); };
+    auto your_turn = [&]() { asm volatile("bar.arrive %0, 256;\n" ::"r"(3 + (cw ^ 1)) : "memory"); };
 
     if (n_tiles > 0) {
+        if (cw == 1) your_turn();  // the first warpgroup goes first
         mbar_wait(full_q, 0);
         float alpha[2];
         // Tile 0: S, softmax, P.
         mbar_wait(full_k(0), 0);
+        my_turn();
         issue_s(0);
+        your_turn();
         wgmma_wait<0>();
         fence_regs(s);
         release(empty_k(0));
@@ -377,12 +387,14 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
             const int st = t % STAGES, prev = (t - 1) % STAGES;
             const unsigned parity = (t / STAGES) & 1, prev_parity = ((t - 1) / STAGES) & 1;
             mbar_wait(full_k(st), parity);
-            fence_regs(s);
-            issue_s(st);                       // S of tile t ...
             mbar_wait(full_v(prev), prev_parity);
+            fence_regs(s);
             fence_regs(o);
             fence_regs(p);
+            my_turn();
+            issue_s(st);                       // S of tile t ...
             issue_pv(prev);                    // ... while O += P V of tile t - 1 queues behind it
+            your_turn();
             wgmma_wait<1>();                   // S done
             fence_regs(s);
             release(empty_k(st));
@@ -398,7 +410,9 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
         mbar_wait(full_v(last), ((n_tiles - 1) / STAGES) & 1);
         fence_regs(o);
         fence_regs(p);
+        my_turn();
         issue_pv(last);
+        if (cw == 0) your_turn();  // (the second warpgroup's last turn is the last: no one waits for it)
         wgmma_wait<0>();
         fence_regs(o);
         release(empty_v(last));

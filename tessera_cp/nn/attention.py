@@ -461,7 +461,7 @@ def _use_sm90(q, scale):
     if runtime.compute_capability(xp.cuda.runtime.getDevice()) != 90:
         return False
     B, Hq, Sq, _ = q.shape
-    return B * Hq * -(-Sq // _SM90_ROWS) >= _device_info(xp)[0]
+    return B * Hq * -(-Sq // _SM90_ROWS) >= _device_info(xp)[0] and B * Hq <= 65535  # grid (row blocks, B * Hq)
 
 
 def _forward_sm90(q, k, v, scale, causal):
@@ -478,7 +478,7 @@ def _forward_sm90(q, k, v, scale, causal):
             for x, rows in ((q, _SM90_ROWS), (k, _SM90_ROWS), (v, _SM90_ROWS), (o, _SM90_ROWS // 2))]
     kernel = _kernel("attention_sm90.cu",
                      f"attn_fwd_sm90<{_KERNEL_TYPES[q.dtype]}, {D}, {'true' if causal else 'false'}>")
-    _launch(kernel, (Hq * B, -(-Sq // _SM90_ROWS)), (_SM90_THREADS,),
+    _launch(kernel, (-(-Sq // _SM90_ROWS), Hq * B), (_SM90_THREADS,),
             (*maps, lse, numpy.int32(Hq), numpy.int32(Hkv), numpy.int32(Sq), numpy.int32(Sk), numpy.float32(scale)),
             shared_mem=_sm90_smem(D))
     return o, lse
