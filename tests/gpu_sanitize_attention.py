@@ -4,7 +4,8 @@
     PYTHONPATH=. compute-sanitizer --tool racecheck python3 tests/gpu_sanitize_attention.py
 
 Covers attn_fwd (plain, with mask + ALiBi, packed decode with split keys), the in-launch split merge, attn_bwd_dot, attn_bwd_dq
-and attn_bwd_dkdv (plain and masked), on lengths that are not multiples of any tile.
+and attn_bwd_dkdv (plain and masked), and on an sm_90 GPU attn_fwd_sm90 (D 64 causal, D 128 not; enough heads for
+it to be chosen), on lengths that are not multiples of any tile.
 """
 import importlib
 
@@ -35,3 +36,7 @@ if __name__ == "__main__":
     run(1, 4, 2, 37, 45, 64, True)
     run(1, 2, 1, 21, 70, 128, False, masked=True)
     run(1, 8, 2, 1, 300, 128, False, backward=False)   # decode: packed rows, split keys, combine
+    sm90 = A._use_sm90(cupy.zeros((2, 66, 150, 64), dtype=cupy.float16), 0.125)
+    print(f"attn_fwd_sm90 {'chosen' if sm90 else 'not chosen (not an sm_90 GPU)'} for the next two")
+    run(2, 66, 22, 150, 170, 64, True, backward=False)
+    run(1, 132, 132, 77, 200, 128, False, backward=False)

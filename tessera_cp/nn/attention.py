@@ -23,7 +23,9 @@ CuPy bf16/f16 inputs with head dim 32, 64, 96, 128 or 256 (backward: up to 128; 
 and v head dims, unless ``TESSERA_REFERENCE=1``; short queries against long keys (decode) pack the query heads of a
 KV group into one tile and split the keys across blocks (flash-decoding), merged by log-sum-exp. The backward
 recomputes the probabilities from the saved log-sum-exp (nothing S x S is kept) and the dropout mask from the
-seed, and is deterministic (no atomics).
+seed, and is deterministic (no atomics). On compute capability 9.0 the forward of D 64 / 128 without mask, ALiBi or
+dropout runs ``cuda/attention_sm90.cu`` instead (wgmma, TMA, warp-specialized; ``TESSERA_ATTN_SM90=0`` turns it
+off) when the call has at least as many 128-row blocks as the GPU has SMs; its LSE feeds the same backward.
 
 Host time: a call that records no graph (no input requires grad, or grad mode off) without mask, ALiBi or dropout
 (the inference and decode case) takes a short path: its launch (kernel, grid, argument block, scratch buffers) is
