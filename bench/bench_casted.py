@@ -143,11 +143,12 @@ def test_w8a8_dp4a_fallback(cuda_bench):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 4, 16])
-@pytest.mark.parametrize("n,k", [(8192, 8192), (28672, 8192)])
+@pytest.mark.parametrize("m,n,k", [(m, n, k) for n, k in [(8192, 8192), (28672, 8192)] for m in (1, 4, 16)] +
+                         [(1, 14336, 4096)])
 def test_weight_only_decode(cuda_bench, m, n, k):
     """Weight-only int8 x bf16 for decode batches. Bytes = N * K (int8 weight bytes read, per launch).
-    Against cuBLAS bf16 with bf16 weights and torch._weight_int8pack_mm."""
+    Against cuBLAS bf16 with bf16 weights and torch._weight_int8pack_mm. 1 x 4096 @ 4096 x 14336 is issue 13's
+    GEMV figure (>= 2.5 TB/s of weight bytes)."""
     layer = casted.CastedLinear(k, n, mode="weight_only", generator=tc.Generator(1)).cuda()
     x = tc.randn(m, k, dtype=tc.bf16, device="cuda").data
     w, ws, b32 = layer.weight.data, layer.weight_scale.data, layer.bias.data.astype("float32")

@@ -574,6 +574,24 @@ def test_gpu_embedding_gather_bit_exact(storage, compute, dim, index_dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("storage", [dtypes.fp8_e4m3, dtypes.fp8_e5m2])
+@pytest.mark.parametrize("dim", [4096, 17])   # the vector path (hardware e4m3 pairs on sm_89+) and the scalar one
+def test_gpu_embedding_gather_every_fp8_byte(storage, dim):
+    """Every byte value decodes as the CPU decodes it: NaN where it gives NaN, the same f32 bits elsewhere
+    (subnormals, the largest values, both zeros)."""
+    cupy = _cupy()
+    rows = -(-256 // dim) * 4
+    table = numpy.resize(numpy.arange(256, dtype=numpy.uint8), (rows, dim))
+    idx = numpy.arange(rows)[::-1].copy()
+    out = casted.embedding_gather(cupy.asarray(idx), cupy.asarray(table), cupy.ones((rows,), dtype=numpy.float32),
+                                  storage, dtypes.f32)
+    got, want = cupy.asnumpy(out), decode(table, storage)[idx].astype(numpy.float32)
+    assert numpy.array_equal(numpy.isnan(got), numpy.isnan(want))
+    finite = ~numpy.isnan(want)
+    assert numpy.array_equal(got[finite].view(numpy.uint32), want[finite].view(numpy.uint32))
+
+
+@pytest.mark.gpu
 def test_gpu_embedding_module_and_index_errors(rng):
     _cupy()
     w = rng.standard_normal((300, 64)).astype(numpy.float32)
