@@ -34,6 +34,7 @@
 #include <cuda_fp16.h>
 
 #include "common.cuh"
+#include "pack.cuh"
 
 namespace tessera_attn90 {
 
@@ -197,15 +198,6 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const unsigned (&a)[
     }
 }
 
-template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
-template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const unsigned *>(&v);
-}
-template <> __device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const unsigned *>(&v);
-}
 #endif  // sm_90a
 
 template <typename T, int D, bool CAUSAL>
@@ -346,10 +338,10 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
     auto pack_p = [&]() {
 #pragma unroll
         for (int kk = 0; kk < KSTEPS_O; ++kk) {
-            p[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-            p[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-            p[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-            p[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+            p[kk][0] = tessera::float2_to_bits<T>(s[8 * kk + 0], s[8 * kk + 1]);
+            p[kk][1] = tessera::float2_to_bits<T>(s[8 * kk + 2], s[8 * kk + 3]);
+            p[kk][2] = tessera::float2_to_bits<T>(s[8 * kk + 4], s[8 * kk + 5]);
+            p[kk][3] = tessera::float2_to_bits<T>(s[8 * kk + 6], s[8 * kk + 7]);
         }
     };
     auto rescale_o = [&](const float (&alpha)[2]) {
@@ -436,7 +428,7 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
             const int line = warp * 16 + lane / 4 + 8 * r;          // row inside the warpgroup's 64; line % 8 = lane / 4
             const int chunk = (n % 8) ^ (line % 8);                  // the 128-byte swizzle of 16-byte chunks
             const unsigned addr = q_rows + (n / 8) * L::Q_BOX + line * LINE + chunk * 16 + 4 * (lane % 4);
-            const unsigned v = pack2<T>(o[4 * n + 2 * r] * inv[r], o[4 * n + 2 * r + 1] * inv[r]);
+            const unsigned v = tessera::float2_to_bits<T>(o[4 * n + 2 * r] * inv[r], o[4 * n + 2 * r + 1] * inv[r]);
             asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
         }
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the writes above, seen by the TMA engine

@@ -547,6 +547,15 @@ def _close(cupy, result, ref64, plain, what, atol):
     tc.testing.assert_low_precision_close(result, ref64, plain, atol=atol)
 
 
+def _check_forward_backward(cupy, out, q, k, v, dout, causal, what):
+    """out and the gradients q, k, v hold after out.backward(dout), against the float64 reference."""
+    ref = _ref_gpu(q.data, k.data, v.data, causal=causal, dout=dout.data)
+    plain = _ref_gpu(q.data, k.data, v.data, causal=causal, dout=dout.data, lowp=q.dtype.storage)
+    for name, got, r64, lp in zip(("out", "dq", "dk", "dv"), (out.data, q.grad.data, k.grad.data, v.grad.data),
+                                  ref, plain):
+        _close(cupy, got, r64, lp, f"{what} {name}", atol=1e-4 * float(abs(r64).max()) + 1e-6)
+
+
 GPU_CASES = [  # B, Hq, Hkv, Sq, Sk, D, causal
     (1, 2, 2, 1, 1, 64, False),
     (2, 3, 3, 17, 17, 64, True),
@@ -578,11 +587,7 @@ def test_gpu_forward_backward(poison, case, dtype):
     assert out.dtype is dt and out._node.used_kernel
     dout = tc.randn(B, Hq, Sq, D, dtype=dt, device="cuda")
     out.backward(dout)
-    ref = _ref_gpu(q.data, k.data, v.data, causal=causal, dout=dout.data)
-    plain = _ref_gpu(q.data, k.data, v.data, causal=causal, dout=dout.data, lowp=dt.storage)
-    for name, got, r64, lp in zip(("out", "dq", "dk", "dv"), (out.data, q.grad.data, k.grad.data, v.grad.data),
-                                  ref, plain):
-        _close(cupy, got, r64, lp, f"{case} {dtype} {name}", atol=1e-4 * float(abs(r64).max()) + 1e-6)
+    _check_forward_backward(cupy, out, q, k, v, dout, causal, f"{case} {dtype}")
 
 
 # The sm_90 kernel (attention_sm90.cu) takes D 64 / 128 without mask, ALiBi or dropout when the call has at least
@@ -626,11 +631,7 @@ def test_gpu_hopper_forward(poison, monkeypatch, case, dtype):
     out = A.attention(q, k, v, is_causal=causal)
     dout = tc.randn(B, Hq, Sq, D, dtype=dt, device="cuda")
     out.backward(dout)
-    ref = _ref_gpu(q.data, k.data, v.data, causal=causal, dout=dout.data)
-    plain = _ref_gpu(q.data, k.data, v.data, causal=causal, dout=dout.data, lowp=dt.storage)
-    for name, got, r64, lp in zip(("out", "dq", "dk", "dv"), (out.data, q.grad.data, k.grad.data, v.grad.data),
-                                  ref, plain):
-        _close(cupy, got, r64, lp, f"{case} {dtype} {name}", atol=1e-4 * float(abs(r64).max()) + 1e-6)
+    _check_forward_backward(cupy, out, q, k, v, dout, causal, f"{case} {dtype}")
 
 
 @pytest.mark.gpu
