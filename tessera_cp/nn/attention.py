@@ -450,13 +450,14 @@ _SM90_THREADS = 384
 
 
 def _sm90_smem(D):
-    """attention_sm90.cu's smem_bytes<D>(): Q, 2 stages of K and V (64-column boxes of 128-byte rows), 9
-    barriers, 1024 bytes to align the base."""
+    """The dynamic shared memory attn_fwd_sm90 needs (its Tiles<D>): Q, 2 stages of K and V (64-column boxes of
+    128-byte rows), 9 barriers, 1024 bytes to align the base."""
     box = _SM90_ROWS * 128
     return (D // 64) * box * (1 + 2 * 2) + 8 * 9 + 1024
 
 
 def _use_sm90(q, scale):
+    """Whether attn_fwd_sm90 takes this unmasked, undropped forward (q a CuPy bf16/f16 array)."""
     if q.shape[-1] not in _SM90_DIMS or not scale > 0 or os.environ.get("TESSERA_ATTN_SM90", "1") == "0":
         return False
     xp = backend.array_module(q)
