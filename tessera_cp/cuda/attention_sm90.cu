@@ -2,10 +2,10 @@
 // tessera_cp/nn/attention.py on compute capability 9.0 for bf16/f16, D = 64 or 128, without mask, ALiBi or
 // dropout (those, decode-shaped calls and other GPUs take attention.cu's mma.sync kernels, which stay the fallback).
 //
-// attn_fwd_sm90<T, D, CAUSAL>: one block of 384 threads owns BM = 128 query rows of one head (grid = (row blocks,
-// Hq * B): the blocks that run at once share a few heads' K and V, which then stay in L2, instead of each reading
-// its own head from HBM; row blocks run in reverse order, the longest causal rows first) and walks its key tiles
-// of BN = 128.
+// attn_fwd_sm90<T, D, CAUSAL>: one block of 384 threads owns BM = 128 query rows of one head (grid = row blocks *
+// Hq * B, row blocks fastest: the blocks that run at once share a few heads' K and V, which then stay in L2,
+// instead of each reading its own head from HBM; a head's row blocks run in reverse order, the longest causal rows
+// first) and walks its key tiles of BN = 128.
 //   * Warpgroup 0 is the producer: after giving registers back (setmaxnreg), one thread issues TMA loads of Q
 //     (once) and of the K and V tiles into a ring of STAGES stages, each completing on a "full" mbarrier; it waits
 //     on the stage's "empty" mbarrier (one arrival per consumer warp) before reusing it.
@@ -220,8 +220,9 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
     auto empty_k = [&](int s) { return bars + 8u * (1 + 2 * STAGES + s); };
     auto empty_v = [&](int s) { return bars + 8u * (1 + 3 * STAGES + s); };
 
-    const int b = blockIdx.y / Hq, h = blockIdx.y % Hq, hk = h / (Hq / Hkv);
-    const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    const int m_blocks = (Sq + BM - 1) / BM, bh = blockIdx.x / m_blocks;
+    const int b = bh / Hq, h = bh % Hq, hk = h / (Hq / Hkv);
+    const int m0 = (m_blocks - 1 - blockIdx.x % m_blocks) * BM;
     const int diag = Sk - Sq;  // row i sees keys j <= i + diag under CAUSAL
     int n_tiles = (Sk + BN - 1) / BN;
     if (CAUSAL) {

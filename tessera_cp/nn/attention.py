@@ -436,8 +436,9 @@ def _forward_plan(q, k, v, mask, slopes, scale, causal, drop=None):
     raw = (o_part, lse_part, tickets, *pointers, i32(Hq), i32(Hkv), i32(Sq), i32(Sk), *q_st, *k_st, *v_st, *m_st,
            *slope_sb, f32(scale), i32(bool(causal)), i32(kind), i32(alibi), i32(pack), i32(n_splits),
            i32(per_split), *_drop_args(drop))
-    # grid: (heads and batch, row blocks, key splits); the kernel walks row blocks longest-first.
-    return (kernel, (heads * B, m_blocks, n_splits), (32 * warps,), smem, _scalar_args(raw), (B, Hq, Sq, D),
+    # grid: (row blocks fastest, then heads and batch; key splits); the kernel walks a head's row blocks
+    # longest-first.
+    return (kernel, (m_blocks * heads * B, 1, n_splits), (32 * warps,), smem, _scalar_args(raw), (B, Hq, Sq, D),
             (B, Hq, Sq), (q2, k2, v2) if copied else None, not copied, raw)
 
 
@@ -464,7 +465,7 @@ def _use_sm90(q, scale):
     if runtime.compute_capability(xp.cuda.runtime.getDevice()) != 90:
         return False
     B, Hq, Sq, _ = q.shape
-    return B * Hq * -(-Sq // _SM90_ROWS) >= _device_info(xp)[0] and B * Hq <= 65535  # grid (row blocks, B * Hq)
+    return B * Hq * -(-Sq // _SM90_ROWS) >= _device_info(xp)[0]
 
 
 def _forward_sm90(q, k, v, scale, causal):
@@ -481,7 +482,7 @@ def _forward_sm90(q, k, v, scale, causal):
             for x, rows in ((q, _SM90_ROWS), (k, _SM90_ROWS), (v, _SM90_ROWS), (o, _SM90_ROWS // 2))]
     kernel = _kernel("attention_sm90.cu",
                      f"attn_fwd_sm90<{_KERNEL_TYPES[q.dtype]}, {D}, {'true' if causal else 'false'}>")
-    _launch(kernel, (-(-Sq // _SM90_ROWS), Hq * B), (_SM90_THREADS,),
+    _launch(kernel, (-(-Sq // _SM90_ROWS) * Hq * B,), (_SM90_THREADS,),
             (*maps, lse, numpy.int32(Hq), numpy.int32(Hkv), numpy.int32(Sq), numpy.int32(Sk), numpy.float32(scale)),
             shared_mem=_sm90_smem(D))
     return o, lse
@@ -540,11 +541,11 @@ def _backward_plan(q, k, q_st, k_st, v_st, mask, slopes, scale, causal, drop=Non
     warps, mt, bn = (_DQ_TILES if drop is None else _DROP_DQ_TILES)[D]
     bm = 16 * mt * warps
     dq = (_kernel("attention_bwd.cu", f"attn_bwd_dq<{ctype}, {D}, {warps}, {mt}, {bn}, {extra}{dropout}>"),
-          (Hq * B, -(-Sq // bm)), (32 * warps,), (2 * bm + 4 * bn) * (D + 8) * item)
+          (Hq * B * -(-Sq // bm),), (32 * warps,), (2 * bm + 4 * bn) * (D + 8) * item)
     warps, bmq = (_DKDV_TILES if drop is None else _DROP_DKDV_TILES)[D]
     bnk = 16 * warps
     kv = (_kernel("attention_bwd.cu", f"attn_bwd_dkdv<{ctype}, {D}, {warps}, {bmq}, {extra}{dropout}>"),
-          (Hkv * B, -(-Sk // bnk)), (32 * warps,), (2 * bnk + 4 * bmq) * (D + 8) * item + 2 * bmq * 8)
+          (Hkv * B * -(-Sk // bnk),), (32 * warps,), (2 * bnk + 4 * bmq) * (D + 8) * item + 2 * bmq * 8)
     return dot, dq, kv, tail, n_rows
 
 
