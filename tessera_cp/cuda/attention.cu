@@ -20,8 +20,7 @@
 //     EXTRA = false compiles no mask/ALiBi code at all.
 // Row i sees key j under `causal` when j <= i + Sk - Sq. A row that sees no key gets O = 0 and LSE = +inf (so the
 // backward's exp(s - LSE) is 0 there). The natural-log LSE is stored per row for the backward.
-// grid = (row blocks * heads * B, 1, splits), row blocks fastest (the blocks that run together share K/V in L2);
-// a head's row blocks run in reverse order (the longest causal rows first).
+// grid = (heads * B, row blocks, splits); row blocks run in reverse order (the longest causal rows first).
 // Split-KV (flash-decoding): with n_splits > 1, split s covers key tiles [s * tiles_per_split, (s + 1) *
 // tiles_per_split); each writes an f32 partial O (normalised by its own sum) and its LSE (-inf when it saw nothing)
 // into o_part / lse_part; the split of a row block that finishes last (a ticket in `counters`, one zeroed int per
@@ -254,14 +253,11 @@ attn_fwd(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int G = Hq / Hkv, heads = pack ? Hkv : Hq;
-    const int rows_total = pack ? G * Sq : Sq, m_blocks = (rows_total + BM - 1) / BM;
-    // grid = (row blocks * heads * B, 1, splits), row blocks fastest: the blocks that run together share a few
-    // heads' K and V in L2 (ordered by head first, each block read its own head's from HBM); within a head the
-    // longest causal rows go first. bh: the (batch, head) index.
-    const int bh = blockIdx.x / m_blocks;
-    const int hx = bh % heads, b = bh / heads, B = gridDim.x / (heads * m_blocks);
-    const int m_block = m_blocks - 1 - blockIdx.x % m_blocks, split = blockIdx.z;
+    // grid = (heads * B, row blocks, splits): row blocks vary slowest, longest causal rows first.
+    const int hx = blockIdx.x % heads, b = blockIdx.x / heads, B = gridDim.x / heads;
+    const int m_block = gridDim.y - 1 - blockIdx.y, split = blockIdx.z;
     const int hk = pack ? hx : hx / G;
+    const int rows_total = pack ? G * Sq : Sq;
     const int m0 = m_block * BM, w0 = warp * WR;  // first row of the block, and of this warp within it
     const int diag = Sk - Sq;
 
@@ -441,7 +437,7 @@ attn_fwd(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__
                 }
         }
         // Dropout after the bookkeeping (the sums above are of the undropped P, as in FlashAttention): one Philox
-        // call per 16-key step and row tile. Unpacked rows (the host never packs with dropout): head = bh.
+        // call per 16-key step and row tile. Unpacked rows (the host never packs with dropout): head = blockIdx.x.
         if constexpr (DROP) {
             const Dropout drop{drop_k0, drop_k1, drop_offset, drop_thr, drop_scale};
             const unsigned quad0 = t * (BN / 4) + (lane & 3), pair0 = (m0 + w0) / 2 + lane / 4;
@@ -449,7 +445,7 @@ attn_fwd(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int kt = 0; kt < BN / 16; ++kt) {
-                    const uint4 w = drop_bits(drop, quad0 + 4 * kt, pair0 + 8 * mt, bh);
+                    const uint4 w = drop_bits(drop, quad0 + 4 * kt, pair0 + 8 * mt, blockIdx.x);
 #pragma unroll
                     for (int jn = 0; jn < 2; ++jn)
 #pragma unroll
@@ -559,7 +555,7 @@ attn_fwd(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__
         __shared__ int last_split;
         __threadfence();
         __syncthreads();
-        int *ticket = counters + blockIdx.x;
+        int *ticket = counters + blockIdx.y * gridDim.x + blockIdx.x;
         if (tid == 0) last_split = atomicAdd(ticket, 1) == n_splits - 1;
         __syncthreads();
         if (!last_split) return;

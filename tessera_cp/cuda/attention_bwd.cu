@@ -126,11 +126,8 @@ attn_bwd_dq(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
     const unsigned sQa = smem_addr(sQ), sdOa = smem_addr(sdO), sKa = smem_addr(sK), sVa = smem_addr(sV);
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    // grid = (row blocks * Hq * B): row blocks fastest, so the blocks that run together share K/V in L2; within a
-    // head the longest causal rows go first. bh: the (batch, head) index.
-    const int m_blocks = (Sq + BM - 1) / BM, bh = blockIdx.x / m_blocks;
-    const int h = bh % Hq, b = bh / Hq;
-    const int m_block = m_blocks - 1 - blockIdx.x % m_blocks;
+    const int h = blockIdx.x % Hq, b = blockIdx.x / Hq;
+    const int m_block = gridDim.y - 1 - blockIdx.y;  // longest causal rows first
     const int hk = h / (Hq / Hkv), m0 = m_block * BM, w0 = warp * WR, diag = Sk - Sq;
     MaskArgs ma{mask_f, mask_b, slopes, m_sb, m_sh, m_si, m_sj, slopes_sb, mask_kind, alibi, causal, diag};
 
@@ -256,7 +253,7 @@ attn_bwd_dq(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
                 if constexpr (DROP) {
                     if (n % 2 == 0)
                         dw = drop_bits(drop, t * (BN / 4) + 4 * (n / 2) + (lane & 3), (m0 + w0) / 2 + 8 * mt + lane / 4,
-                                       bh);
+                                       blockIdx.x);
                 }
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
@@ -359,10 +356,8 @@ attn_bwd_dkdv(const T *__restrict__ q, const T *__restrict__ k, const T *__restr
     const unsigned sSa = smem_addr(sS);
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    // grid = (key blocks * Hkv * B): key blocks fastest, so the blocks that run together share Q and dO in L2.
-    const int n_blocks = (Sk + BNK - 1) / BNK, bh = blockIdx.x / n_blocks;
-    const int hk = bh % Hkv, b = bh / Hkv, G = Hq / Hkv;
-    const int n0 = (blockIdx.x % n_blocks) * BNK;  // first key (low keys see the most queries: they go first)
+    const int hk = blockIdx.x % Hkv, b = blockIdx.x / Hkv, G = Hq / Hkv;
+    const int n0 = blockIdx.y * BNK;  // first key of the block (low keys see the most queries: they go first)
     const int diag = Sk - Sq;
     MaskArgs ma{mask_f, mask_b, slopes, m_sb, m_sh, m_si, m_sj, slopes_sb, mask_kind, alibi, causal, diag};
 

@@ -436,9 +436,8 @@ def _forward_plan(q, k, v, mask, slopes, scale, causal, drop=None):
     raw = (o_part, lse_part, tickets, *pointers, i32(Hq), i32(Hkv), i32(Sq), i32(Sk), *q_st, *k_st, *v_st, *m_st,
            *slope_sb, f32(scale), i32(bool(causal)), i32(kind), i32(alibi), i32(pack), i32(n_splits),
            i32(per_split), *_drop_args(drop))
-    # grid: (row blocks fastest, then heads and batch; key splits); the kernel walks a head's row blocks
-    # longest-first.
-    return (kernel, (m_blocks * heads * B, 1, n_splits), (32 * warps,), smem, _scalar_args(raw), (B, Hq, Sq, D),
+    # grid: (heads and batch, row blocks, key splits); the kernel walks row blocks longest-first.
+    return (kernel, (heads * B, m_blocks, n_splits), (32 * warps,), smem, _scalar_args(raw), (B, Hq, Sq, D),
             (B, Hq, Sq), (q2, k2, v2) if copied else None, not copied, raw)
 
 
@@ -541,11 +540,11 @@ def _backward_plan(q, k, q_st, k_st, v_st, mask, slopes, scale, causal, drop=Non
     warps, mt, bn = (_DQ_TILES if drop is None else _DROP_DQ_TILES)[D]
     bm = 16 * mt * warps
     dq = (_kernel("attention_bwd.cu", f"attn_bwd_dq<{ctype}, {D}, {warps}, {mt}, {bn}, {extra}{dropout}>"),
-          (Hq * B * -(-Sq // bm),), (32 * warps,), (2 * bm + 4 * bn) * (D + 8) * item)
+          (Hq * B, -(-Sq // bm)), (32 * warps,), (2 * bm + 4 * bn) * (D + 8) * item)
     warps, bmq = (_DKDV_TILES if drop is None else _DROP_DKDV_TILES)[D]
     bnk = 16 * warps
     kv = (_kernel("attention_bwd.cu", f"attn_bwd_dkdv<{ctype}, {D}, {warps}, {bmq}, {extra}{dropout}>"),
-          (Hkv * B * -(-Sk // bnk),), (32 * warps,), (2 * bnk + 4 * bmq) * (D + 8) * item + 2 * bmq * 8)
+          (Hkv * B, -(-Sk // bnk)), (32 * warps,), (2 * bnk + 4 * bmq) * (D + 8) * item + 2 * bmq * 8)
     return dot, dq, kv, tail, n_rows
 
 
