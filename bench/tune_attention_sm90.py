@@ -3,8 +3,9 @@
     PYTHONPATH=. python3 bench/tune_attention_sm90.py [VARIANT.cu ...]
 
 Each VARIANT is a copy of attention_sm90.cu placed in tessera_cp/cuda/ (e.g. an older commit's, written there by
-``git show REV:tessera_cp/cuda/attention_sm90.cu > tessera_cp/cuda/attn90_old.cu``); the current file is always
-timed. For each shape every variant is checked against the mma.sync kernel (TESSERA_ATTN_SM90=0: its output and
+``git show REV:tessera_cp/cuda/attention_sm90.cu > tessera_cp/cuda/attn90_old.cu``; it must take the current
+launch arguments); the current file is always timed, also launched with a block per work item ("block an item",
+not persistent). For each shape every variant is checked against the mma.sync kernel (TESSERA_ATTN_SM90=0: its output and
 LSE, max abs difference printed; a variant off by more than 2e-2 in out or 1e-3 in LSE is marked WRONG), then timed
 (median of CUDA-event timings, bench/conftest.py) beside the mma.sync kernel and torch SDPA's cuDNN backend.
 FLOPs: 4 B H S^2 D, halved when causal. A table is printed last.
@@ -25,7 +26,7 @@ SHAPES = [(4, 32, 4096, 128, True), (4, 32, 4096, 128, False), (8, 16, 2048, 64,
 
 
 def main(variants):
-    variants = ["attention_sm90.cu"] + [v for v in variants if v != "attention_sm90.cu"]
+    variants = ["attention_sm90.cu"] + [v for v in variants if v != "attention_sm90.cu"] + ["block an item"]
     kernel = A._kernel
     rows = []
     for B, H, S, D, causal in SHAPES:
@@ -37,15 +38,17 @@ def main(variants):
         del os.environ["TESSERA_ATTN_SM90"]
         errors = {}
         for name in variants:
-            A._kernel = lambda source, kname, name=name: kernel(name if source == "attention_sm90.cu" else source,
-                                                                kname)
+            source_file = "attention_sm90.cu" if name == "block an item" else name
+            A._SM90_BLOCKS_PER_SM = 1 << 20 if name == "block an item" else 1  # not persistent: a block an item
+            A._kernel = lambda source, kname, f=source_file: kernel(f if source == "attention_sm90.cu" else source,
+                                                                    kname)
             o, lse = A._forward_kernel(q, k, v, None, None, scale, causal)
             finite = cupy.isfinite(ref_lse)
             eo = float(cupy.abs(o.astype(cupy.float32) - ref_o.astype(cupy.float32)).max())
             el = float(cupy.abs(cupy.where(finite, lse - ref_lse, 0)).max())
             errors[name] = (eo, el, "WRONG" if not (eo <= 2e-2 and el <= 1e-3) else "ok")
             ms[name] = time_cuda(lambda: A._forward_kernel(q, k, v, None, None, scale, causal))
-        A._kernel = kernel
+        A._kernel, A._SM90_BLOCKS_PER_SM = kernel, 1
         try:
             import torch
             from torch.nn.attention import SDPBackend, sdpa_kernel

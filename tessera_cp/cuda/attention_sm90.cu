@@ -2,13 +2,15 @@
 // tessera_cp/nn/attention.py on compute capability 9.0 for bf16/f16, D = 64 or 128, without mask, ALiBi or
 // dropout (those, decode-shaped calls and other GPUs take attention.cu's mma.sync kernels, which stay the fallback).
 //
-// attn_fwd_sm90<T, D, CAUSAL>: one block of 384 threads owns BM = 128 query rows of one head (grid = row blocks *
-// Hq * B, row blocks fastest: the blocks that run at once share a few heads' K and V, which then stay in L2,
-// instead of each reading its own head from HBM; a head's row blocks run in reverse order, the longest causal rows
-// first) and walks its key tiles of BN = 128.
-//   * Warpgroup 0 is the producer: after giving registers back (setmaxnreg), one thread issues TMA loads of Q
-//     (once) and of the K and V tiles into a ring of STAGES stages, each completing on a "full" mbarrier; it waits
-//     on the stage's "empty" mbarrier (one arrival per consumer warp) before reusing it.
+// attn_fwd_sm90<T, D, CAUSAL>: persistent blocks of 384 threads (grid = at most one a multiprocessor). The work
+// items are BM = 128 query rows of one head, ordered row blocks fastest (the blocks at work at once share a few
+// heads' K and V, which then stay in L2, instead of each reading its own head from HBM; within a head the longest
+// causal rows first); block i takes items i, i + gridDim.x, ... and walks each item's key tiles of BN = 128.
+//   * Warpgroup 0 is the producer: after giving registers back (setmaxnreg), one thread issues TMA loads of each
+//     item's Q (once the consumers' last S product of the item before is done: the "empty_q" mbarrier) and of the
+//     K and V tiles into a ring of STAGES stages that runs on across items, each completing on a "full" mbarrier;
+//     it waits on the stage's "empty" mbarrier (one arrival per consumer warp) before reusing it. So the next
+//     item's loads overlap the end of the last.
 //   * Warpgroups 1 and 2 are consumers, 64 query rows each. Per key tile: S = Q K^T (wgmma, both operands from
 //     shared memory), masks on the diagonal / tail tiles only, online softmax in registers (log2 units), P packed
 //     to T in registers, O += P V (wgmma with A = P from registers, B = V read MN-major). The product for the next
@@ -18,8 +20,9 @@
 //     bytes. The wgmma descriptors read that layout directly: K-major (Q, K) with an 8-row group stride of 1024
 //     bytes, stepping 32 bytes per 16 columns; MN-major (V) with the same 8-row stride along the keys and the box
 //     size between 64-column halves of D.
-//   * The end: O / rowsum is written into the consumer's own rows of the Q buffer in the same swizzled layout, then
-//     TMA stores it (rows past Sq are clipped by the tensor map); the natural-log LSE goes to `lse` per row.
+//   * An item's end: O / rowsum is written into the consumer's own rows of an O buffer in the same swizzled layout,
+//     then TMA stores it (rows past Sq are clipped by the tensor map) while the next item runs; the natural-log
+//     LSE goes to `lse` per row.
 // Semantics are those of attention.cu: row i sees key j under CAUSAL when j <= i + Sk - Sq; a row that sees no key
 // gets O = 0 and LSE = +inf; keys past Sk and rows past Sq come in as zeros from the TMA (out of bounds) and are
 // masked or not stored. Tensor maps (tessera_cp.cuda.tma, 4-D over [B, H, S, D]): q with a box of (1, 1, BM, 64),
@@ -54,10 +57,10 @@ template <int D> struct Tiles {
     static constexpr int BOXES = D / BOX_COLS;
     static constexpr int Q_BOX = BM * LINE, KV_BOX = BN * LINE;  // bytes of one 64-column box
     static constexpr int Q_BYTES = BOXES * Q_BOX, KV_BYTES = BOXES * KV_BOX;
-    static constexpr int BARRIERS = 1 + 4 * STAGES;              // full_q, full_k, full_v, empty_k, empty_v
+    static constexpr int BARRIERS = 2 + 4 * STAGES;  // full_q, empty_q, full_k, full_v, empty_k, empty_v
 };
-// The dynamic shared memory a launch needs (attention.py's _sm90_smem): Q_BYTES + 2 * STAGES * KV_BYTES, 8 bytes a
-// barrier, and 1024 to align the base.
+// The dynamic shared memory a launch needs (attention.py's _sm90_smem): Q and O buffers of Q_BYTES, 2 * STAGES *
+// KV_BYTES, 8 bytes a barrier, and 1024 to align the base.
 
 template <typename T> struct IsBf16 { static constexpr bool value = false; };
 template <> struct IsBf16<__nv_bfloat16> { static constexpr bool value = true; };
@@ -204,7 +207,7 @@ template <typename T, int D, bool CAUSAL>
 __global__ void __launch_bounds__(THREADS, 1)
 attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ TensorMap tm_k,
               const __grid_constant__ TensorMap tm_v, const __grid_constant__ TensorMap tm_o,
-              float *__restrict__ lse, int Hq, int Hkv, int Sq, int Sk, float scale) {
+              float *__restrict__ lse, int B, int Hq, int Hkv, int Sq, int Sk, float scale) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using L = Tiles<D>;
     constexpr int NS = BN / 2;   // S accumulators a thread holds (64 x BN over 128 threads)
@@ -212,30 +215,41 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
     constexpr int KSTEPS_S = D / 16, KSTEPS_O = BN / 16;
     extern __shared__ unsigned char smem_raw[];
     const unsigned base = (static_cast<unsigned>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
-    const unsigned sQ = base, sK = sQ + L::Q_BYTES, sV = sK + STAGES * L::KV_BYTES;
+    const unsigned sQ = base, sO = sQ + L::Q_BYTES, sK = sO + L::Q_BYTES, sV = sK + STAGES * L::KV_BYTES;
     const unsigned bars = sV + STAGES * L::KV_BYTES;
-    const unsigned full_q = bars;
-    auto full_k = [&](int s) { return bars + 8u * (1 + s); };
-    auto full_v = [&](int s) { return bars + 8u * (1 + STAGES + s); };
-    auto empty_k = [&](int s) { return bars + 8u * (1 + 2 * STAGES + s); };
-    auto empty_v = [&](int s) { return bars + 8u * (1 + 3 * STAGES + s); };
+    const unsigned full_q = bars, empty_q = bars + 8u;
+    auto full_k = [&](int s) { return bars + 8u * (2 + s); };
+    auto full_v = [&](int s) { return bars + 8u * (2 + STAGES + s); };
+    auto empty_k = [&](int s) { return bars + 8u * (2 + 2 * STAGES + s); };
+    auto empty_v = [&](int s) { return bars + 8u * (2 + 3 * STAGES + s); };
 
-    const int m_blocks = (Sq + BM - 1) / BM, bh = blockIdx.x / m_blocks;
-    const int b = bh / Hq, h = bh % Hq, hk = h / (Hq / Hkv);
-    const int m0 = (m_blocks - 1 - blockIdx.x % m_blocks) * BM;
+    // Work items: (batch, head, row block), row blocks fastest (the blocks at work at once share a few heads' K/V
+    // in L2), a head's longest causal rows first. Block i takes items i, i + gridDim.x, ...
+    const int m_blocks = (Sq + BM - 1) / BM, items = m_blocks * Hq * B;
     const int diag = Sk - Sq;  // row i sees keys j <= i + diag under CAUSAL
-    int n_tiles = (Sk + BN - 1) / BN;
-    if (CAUSAL) {
-        const int last_key = min(m0 + BM, Sq) - 1 + diag;  // the block's last row sees up to this key
-        n_tiles = last_key < 0 ? 0 : min(n_tiles, last_key / BN + 1);
-    }
+    struct Item { int b, h, hk, m0, n_tiles; };
+    auto item = [&](int w) {
+        Item it;
+        const int bh = w / m_blocks;
+        it.b = bh / Hq;
+        it.h = bh % Hq;
+        it.hk = it.h / (Hq / Hkv);
+        it.m0 = (m_blocks - 1 - w % m_blocks) * BM;
+        it.n_tiles = (Sk + BN - 1) / BN;
+        if (CAUSAL) {
+            const int last_key = min(it.m0 + BM, Sq) - 1 + diag;  // the block's last row sees up to this key
+            it.n_tiles = last_key < 0 ? 0 : min(it.n_tiles, last_key / BN + 1);
+        }
+        return it;
+    };
 
     if (threadIdx.x == 0) {
         mbar_init(full_q, 1);
+        mbar_init(empty_q, 8);  // one arrival per consumer warp
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(full_k(s), 1);
             mbar_init(full_v(s), 1);
-            mbar_init(empty_k(s), 8);  // one arrival per consumer warp
+            mbar_init(empty_k(s), 8);
             mbar_init(empty_v(s), 8);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -245,20 +259,30 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
     const int wg = threadIdx.x / 128;
     if (wg == 0) {  // ---------------------------------------------------------------------------- producer
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
-        if (threadIdx.x == 0 && n_tiles > 0) {
-            mbar_expect_tx(full_q, L::Q_BYTES);
-            for (int x = 0; x < L::BOXES; ++x) tma_load(sQ + x * L::Q_BOX, &tm_q, full_q, x * BOX_COLS, m0, h, b);
-            for (int t = 0; t < n_tiles; ++t) {
-                const int s = t % STAGES;
-                const unsigned parity = ((t / STAGES) & 1) ^ 1;  // the consumers' release of the stage's last use
-                if (t >= STAGES) mbar_wait(empty_k(s), parity);
-                mbar_expect_tx(full_k(s), L::KV_BYTES);
+        if (threadIdx.x == 0) {
+            int q_uses = 0, g = 0;  // items with key tiles so far; key tiles so far (the ring position)
+            for (int w = blockIdx.x; w < items; w += gridDim.x) {
+                const Item it = item(w);
+                if (it.n_tiles == 0) continue;
+                if (q_uses > 0) mbar_wait(empty_q, (q_uses - 1) & 1);  // the last item's S products are done
+                mbar_expect_tx(full_q, L::Q_BYTES);
                 for (int x = 0; x < L::BOXES; ++x)
-                    tma_load(sK + s * L::KV_BYTES + x * L::KV_BOX, &tm_k, full_k(s), x * BOX_COLS, t * BN, hk, b);
-                if (t >= STAGES) mbar_wait(empty_v(s), parity);
-                mbar_expect_tx(full_v(s), L::KV_BYTES);
-                for (int x = 0; x < L::BOXES; ++x)
-                    tma_load(sV + s * L::KV_BYTES + x * L::KV_BOX, &tm_v, full_v(s), x * BOX_COLS, t * BN, hk, b);
+                    tma_load(sQ + x * L::Q_BOX, &tm_q, full_q, x * BOX_COLS, it.m0, it.h, it.b);
+                for (int t = 0; t < it.n_tiles; ++t, ++g) {
+                    const int s = g % STAGES;
+                    const unsigned parity = ((g / STAGES) & 1) ^ 1;  // the consumers' release of the stage's last use
+                    if (g >= STAGES) mbar_wait(empty_k(s), parity);
+                    mbar_expect_tx(full_k(s), L::KV_BYTES);
+                    for (int x = 0; x < L::BOXES; ++x)
+                        tma_load(sK + s * L::KV_BYTES + x * L::KV_BOX, &tm_k, full_k(s), x * BOX_COLS, t * BN, it.hk,
+                                 it.b);
+                    if (g >= STAGES) mbar_wait(empty_v(s), parity);
+                    mbar_expect_tx(full_v(s), L::KV_BYTES);
+                    for (int x = 0; x < L::BOXES; ++x)
+                        tma_load(sV + s * L::KV_BYTES + x * L::KV_BOX, &tm_v, full_v(s), x * BOX_COLS, t * BN, it.hk,
+                                 it.b);
+                }
+                ++q_uses;
             }
         }
         return;
@@ -267,16 +291,14 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
     asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
     const int cw = wg - 1;                       // consumer warpgroup: rows [m0 + 64 cw, m0 + 64 cw + 64)
     const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-    const int row0 = m0 + cw * WG_ROWS + warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
-    const int wg_first = m0 + cw * WG_ROWS;
     const float c = scale * LOG2E;
     const unsigned q_rows = sQ + cw * WG_ROWS * LINE;  // this warpgroup's rows of every Q box
+    const unsigned o_rows = sO + cw * WG_ROWS * LINE;  // and of every O box
+    int wg_first, row0;  // the current item's first row of this warpgroup, this thread's rows (row0, row0 + 8)
 
     float o[NO], s[NS];
     unsigned p[KSTEPS_O][4];
-#pragma unroll
-    for (int i = 0; i < NO; ++i) o[i] = 0.0f;
-    float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.0f, 0.0f};
+    float row_max[2], row_sum[2];
 
     // S = Q K^T of tile t (stage st), issued and committed, not waited for.
     auto issue_s = [&](int st) {
@@ -362,91 +384,110 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
     auto my_turn = [&]() { named_sync(3 + cw, 256); };
     auto your_turn = [&]() { asm volatile("bar.arrive %0, 256;\n" ::"r"(3 + (cw ^ 1)) : "memory"); };
 
-    if (n_tiles > 0) {
-        if (cw == 1) your_turn();  // the first warpgroup goes first
-        mbar_wait(full_q, 0);
-        float alpha[2];
-        // Tile 0: S, softmax, P.
-        mbar_wait(full_k(0), 0);
-        my_turn();
-        issue_s(0);
-        your_turn();
-        wgmma_wait<0>();
-        fence_regs(s);
-        release(empty_k(0));
-        softmax(0, alpha);
-        pack_p();
-        for (int t = 1; t < n_tiles; ++t) {
-            const int st = t % STAGES, prev = (t - 1) % STAGES;
-            const unsigned parity = (t / STAGES) & 1, prev_parity = ((t - 1) / STAGES) & 1;
-            mbar_wait(full_k(st), parity);
-            mbar_wait(full_v(prev), prev_parity);
+    int q_uses = 0, g0 = 0;  // items with key tiles so far; key tiles so far (the ring position of this item's first)
+    for (int w = blockIdx.x; w < items; w += gridDim.x) {
+        const Item it = item(w);
+        wg_first = it.m0 + cw * WG_ROWS;
+        row0 = wg_first + warp * 16 + lane / 4;
+#pragma unroll
+        for (int i = 0; i < NO; ++i) o[i] = 0.0f;
+        row_max[0] = row_max[1] = neg_inf();
+        row_sum[0] = row_sum[1] = 0.0f;
+        if (it.n_tiles > 0) {
+            const int n_tiles = it.n_tiles;
+            auto stage = [&](int t) { return (g0 + t) % STAGES; };
+            auto parity = [&](int t) { return unsigned((g0 + t) / STAGES) & 1u; };
+            if (cw == 1 && q_uses == 0) your_turn();  // the first warpgroup goes first
+            mbar_wait(full_q, q_uses & 1);
+            float alpha[2];
+            // Tile 0: S, softmax, P.
+            mbar_wait(full_k(stage(0)), parity(0));
+            my_turn();
+            issue_s(stage(0));
+            your_turn();
+            wgmma_wait<0>();
             fence_regs(s);
+            release(empty_k(stage(0)));
+            if (n_tiles == 1) release(empty_q);  // this item's last S product is done: Q may be replaced
+            softmax(0, alpha);
+            pack_p();
+            for (int t = 1; t < n_tiles; ++t) {
+                mbar_wait(full_k(stage(t)), parity(t));
+                mbar_wait(full_v(stage(t - 1)), parity(t - 1));
+                fence_regs(s);
+                fence_regs(o);
+                fence_regs(p);
+                my_turn();
+                issue_s(stage(t));                 // S of tile t ...
+                issue_pv(stage(t - 1));            // ... while O += P V of tile t - 1 queues behind it
+                your_turn();
+                wgmma_wait<1>();                   // S done
+                fence_regs(s);
+                release(empty_k(stage(t)));
+                if (t == n_tiles - 1) release(empty_q);
+                softmax(t, alpha);                 // beside the P V product
+                wgmma_wait<0>();                   // P V done: P and V of tile t - 1 are free
+                fence_regs(o);
+                fence_regs(p);
+                release(empty_v(stage(t - 1)));
+                rescale_o(alpha);
+                pack_p();
+            }
+            mbar_wait(full_v(stage(n_tiles - 1)), parity(n_tiles - 1));
             fence_regs(o);
             fence_regs(p);
             my_turn();
-            issue_s(st);                       // S of tile t ...
-            issue_pv(prev);                    // ... while O += P V of tile t - 1 queues behind it
+            issue_pv(stage(n_tiles - 1));
             your_turn();
-            wgmma_wait<1>();                   // S done
-            fence_regs(s);
-            release(empty_k(st));
-            softmax(t, alpha);                 // beside the P V product
-            wgmma_wait<0>();                   // P V done: P and V of tile t - 1 are free
+            wgmma_wait<0>();
             fence_regs(o);
-            fence_regs(p);
-            release(empty_v(prev));
-            rescale_o(alpha);
-            pack_p();
+            release(empty_v(stage(n_tiles - 1)));
+            g0 += n_tiles;
+            ++q_uses;
         }
-        const int last = (n_tiles - 1) % STAGES;
-        mbar_wait(full_v(last), ((n_tiles - 1) / STAGES) & 1);
-        fence_regs(o);
-        fence_regs(p);
-        my_turn();
-        issue_pv(last);
-        if (cw == 0) your_turn();  // (the second warpgroup's last turn is the last: no one waits for it)
-        wgmma_wait<0>();
-        fence_regs(o);
-        release(empty_v(last));
-    }
 
-    // ---- the end: O / rowsum into this warpgroup's rows of the Q buffer (swizzled as TMA wants), TMA store; LSE.
-    float inv[2], row_lse[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float sum = row_sum[r];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
-        row_lse[r] = sum > 0.0f ? (row_max[r] + __log2f(sum)) * LN2 : __int_as_float(0x7f800000);
-    }
-    named_sync(1 + cw, 128);  // every warp of the warpgroup is past its last read of these Q rows
-#pragma unroll
-    for (int n = 0; n < NO / 4; ++n)   // column group n: columns 8n .. 8n + 7 of D
+        // ---- the item's end: O / rowsum into this warpgroup's rows of the O buffer (swizzled as TMA wants), TMA
+        // store (it overlaps the next item); LSE.
+        float inv[2], row_lse[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            const int line = warp * 16 + lane / 4 + 8 * r;          // row inside the warpgroup's 64; line % 8 = lane / 4
-            const int chunk = (n % 8) ^ (line % 8);                  // the 128-byte swizzle of 16-byte chunks
-            const unsigned addr = q_rows + (n / 8) * L::Q_BOX + line * LINE + chunk * 16 + 4 * (lane % 4);
-            const unsigned v = tessera::float2_to_bits<T>(o[4 * n + 2 * r] * inv[r], o[4 * n + 2 * r + 1] * inv[r]);
-            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+            float sum = row_sum[r];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
+            row_lse[r] = sum > 0.0f ? (row_max[r] + __log2f(sum)) * LN2 : __int_as_float(0x7f800000);
         }
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the writes above, seen by the TMA engine
-    named_sync(1 + cw, 128);
-    if (threadIdx.x % 128 == 0) {
-        for (int x = 0; x < L::BOXES; ++x)
-            tma_store(&tm_o, q_rows + x * L::Q_BOX, x * BOX_COLS, wg_first, h, b);
-        asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-        asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // shared memory read before the exit
-    }
-    if (lane % 4 == 0) {
+        if (threadIdx.x % 128 == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // last store
+        named_sync(1 + cw, 128);  // has read the O buffer
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int i = row0 + 8 * r;
-            if (i < Sq) lse[(static_cast<long long>(b) * Hq + h) * Sq + i] = row_lse[r];
+        for (int n = 0; n < NO / 4; ++n)   // column group n: columns 8n .. 8n + 7 of D
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int line = warp * 16 + lane / 4 + 8 * r;  // row inside the warpgroup's 64; line % 8 = lane / 4
+                const int chunk = (n % 8) ^ (line % 8);          // the 128-byte swizzle of 16-byte chunks
+                const unsigned addr = o_rows + (n / 8) * L::Q_BOX + line * LINE + chunk * 16 + 4 * (lane % 4);
+                const unsigned v =
+                    tessera::float2_to_bits<T>(o[4 * n + 2 * r] * inv[r], o[4 * n + 2 * r + 1] * inv[r]);
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+            }
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the writes above, seen by the TMA engine
+        named_sync(1 + cw, 128);
+        if (threadIdx.x % 128 == 0) {
+            for (int x = 0; x < L::BOXES; ++x)
+                tma_store(&tm_o, o_rows + x * L::Q_BOX, x * BOX_COLS, wg_first, it.h, it.b);
+            asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+        }
+        if (lane % 4 == 0) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int i = row0 + 8 * r;
+                if (i < Sq) lse[(static_cast<long long>(it.b) * Hq + it.h) * Sq + i] = row_lse[r];
+            }
         }
     }
+    // The second warpgroup's last turn went unclaimed: take it, so both named barriers end with nothing pending.
+    if (cw == 0 && q_uses > 0) my_turn();
+    if (threadIdx.x % 128 == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // before the exit
 #endif
 }
 

@@ -447,13 +447,14 @@ def _forward_plan(q, k, v, mask, slopes, scale, causal, drop=None):
 _SM90_DIMS = (64, 128)
 _SM90_ROWS = 128     # BM = BN of the kernel
 _SM90_THREADS = 384
+_SM90_BLOCKS_PER_SM = 1  # the persistent grid (bench/tune_attention_sm90.py sets a large value: a block an item)
 
 
 def _sm90_smem(D):
-    """The dynamic shared memory attn_fwd_sm90 needs (its Tiles<D>): Q, 2 stages of K and V (64-column boxes of
-    128-byte rows), 9 barriers, 1024 bytes to align the base."""
+    """The dynamic shared memory attn_fwd_sm90 needs (its Tiles<D>): Q, O, 2 stages of K and V (64-column boxes of
+    128-byte rows), 10 barriers, 1024 bytes to align the base."""
     box = _SM90_ROWS * 128
-    return (D // 64) * box * (1 + 2 * 2) + 8 * 9 + 1024
+    return (D // 64) * box * (2 + 2 * 2) + 8 * 10 + 1024
 
 
 def _use_sm90(q, scale):
@@ -481,8 +482,11 @@ def _forward_sm90(q, k, v, scale, causal):
             for x, rows in ((q, _SM90_ROWS), (k, _SM90_ROWS), (v, _SM90_ROWS), (o, _SM90_ROWS // 2))]
     kernel = _kernel("attention_sm90.cu",
                      f"attn_fwd_sm90<{_KERNEL_TYPES[q.dtype]}, {D}, {'true' if causal else 'false'}>")
-    _launch(kernel, (-(-Sq // _SM90_ROWS) * Hq * B,), (_SM90_THREADS,),
-            (*maps, lse, numpy.int32(Hq), numpy.int32(Hkv), numpy.int32(Sq), numpy.int32(Sk), numpy.float32(scale)),
+    # Persistent: one block a multiprocessor walks the work items (row blocks of every head), so the loads of one
+    # item overlap the end of the last.
+    items = -(-Sq // _SM90_ROWS) * Hq * B
+    _launch(kernel, (min(items, _device_info(xp)[0] * _SM90_BLOCKS_PER_SM),), (_SM90_THREADS,),
+            (*maps, lse, *(numpy.int32(n) for n in (B, Hq, Hkv, Sq, Sk)), numpy.float32(scale)),
             shared_mem=_sm90_smem(D))
     return o, lse
 
