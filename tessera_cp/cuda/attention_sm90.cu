@@ -2,12 +2,15 @@
 // tessera_cp/nn/attention.py on compute capability 9.0 for bf16/f16, D = 64 or 128, without mask, ALiBi or
 // dropout (those, decode-shaped calls and other GPUs take attention.cu's mma.sync kernels, which stay the fallback).
 //
-// attn_fwd_sm90<T, D, CAUSAL>: persistent blocks of 384 threads (grid = at most one a multiprocessor). The work
-// items are BM = 128 query rows of one head, ordered row blocks fastest (the blocks at work at once share a few
+// attn_fwd_sm90<T, D, CAUSAL>: persistent blocks of 384 threads (the host launches one a multiprocessor) walk work
+// items of BM = 128 query rows of one head, ordered row blocks fastest (the blocks at work at once share a few
 // heads' K and V, which then stay in L2, instead of each reading its own head from HBM; within a head the longest
-// causal rows first); block i takes items i, i + gridDim.x, ... and walks each item's key tiles of BN = 128.
-//   * Warpgroup 0 is the producer: after giving registers back (setmaxnreg), one thread issues TMA loads of each
-//     item's Q (once the consumers' last S product of the item before is done: the "empty_q" mbarrier) and of the
+// causal rows first). Block i takes item i, then whichever item is next when it is ready for one (an atomic
+// counter: causal items differ in length, and a share fixed in advance left blocks idle), and walks each item's
+// key tiles of BN = 128.
+//   * Warpgroup 0 is the producer: after giving registers back (setmaxnreg), one thread takes the items, hands
+//     each to the consumers through shared memory with its Q (the "full_q" mbarrier; the next one waits until the
+//     consumers' last S product of the item before is done: "empty_q"), and issues the TMA loads of Q and of the
 //     K and V tiles into a ring of STAGES stages that runs on across items, each completing on a "full" mbarrier;
 //     it waits on the stage's "empty" mbarrier (one arrival per consumer warp) before reusing it. So the next
 //     item's loads overlap the end of the last.
@@ -60,7 +63,7 @@ template <int D> struct Tiles {
     static constexpr int BARRIERS = 2 + 4 * STAGES;  // full_q, empty_q, full_k, full_v, empty_k, empty_v
 };
 // The dynamic shared memory a launch needs (attention.py's _sm90_smem): Q and O buffers of Q_BYTES, 2 * STAGES *
-// KV_BYTES, 8 bytes a barrier, and 1024 to align the base.
+// KV_BYTES, 8 bytes a barrier and 8 for the item handed over, and 1024 to align the base.
 
 template <typename T> struct IsBf16 { static constexpr bool value = false; };
 template <> struct IsBf16<__nv_bfloat16> { static constexpr bool value = true; };
@@ -207,7 +210,7 @@ template <typename T, int D, bool CAUSAL>
 __global__ void __launch_bounds__(THREADS, 1)
 attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ TensorMap tm_k,
               const __grid_constant__ TensorMap tm_v, const __grid_constant__ TensorMap tm_o,
-              float *__restrict__ lse, int B, int Hq, int Hkv, int Sq, int Sk, float scale) {
+              float *__restrict__ lse, int *__restrict__ work, int B, int Hq, int Hkv, int Sq, int Sk, float scale) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using L = Tiles<D>;
     constexpr int NS = BN / 2;   // S accumulators a thread holds (64 x BN over 128 threads)
@@ -218,13 +221,16 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
     const unsigned sQ = base, sO = sQ + L::Q_BYTES, sK = sO + L::Q_BYTES, sV = sK + STAGES * L::KV_BYTES;
     const unsigned bars = sV + STAGES * L::KV_BYTES;
     const unsigned full_q = bars, empty_q = bars + 8u;
+    const unsigned item_slot = bars + 8u * L::BARRIERS;  // the item the producer hands the consumers (an int)
     auto full_k = [&](int s) { return bars + 8u * (2 + s); };
     auto full_v = [&](int s) { return bars + 8u * (2 + STAGES + s); };
     auto empty_k = [&](int s) { return bars + 8u * (2 + 2 * STAGES + s); };
     auto empty_v = [&](int s) { return bars + 8u * (2 + 3 * STAGES + s); };
 
     // Work items: (batch, head, row block), row blocks fastest (the blocks at work at once share a few heads' K/V
-    // in L2), a head's longest causal rows first. Block i takes items i, i + gridDim.x, ...
+    // in L2), a head's longest causal rows first. Block i takes item i, then the next one not taken (work[0]
+    // counts those handed out past the first gridDim.x; work[1] the blocks done taking, the last of which sets
+    // both back to 0 for the next launch).
     const int m_blocks = (Sq + BM - 1) / BM, items = m_blocks * Hq * B;
     const int diag = Sk - Sq;  // row i sees keys j <= i + diag under CAUSAL
     struct Item { int b, h, hk, m0, n_tiles; };
@@ -260,14 +266,22 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
     if (wg == 0) {  // ---------------------------------------------------------------------------- producer
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
         if (threadIdx.x == 0) {
-            int q_uses = 0, g = 0;  // items with key tiles so far; key tiles so far (the ring position)
-            for (int w = blockIdx.x; w < items; w += gridDim.x) {
+            int w = blockIdx.x, q_uses = 0, g = 0;  // the item; items handed over so far; key tiles so far
+            while (true) {
+                if (q_uses > 0) mbar_wait(empty_q, (q_uses - 1) & 1);  // the consumers are done with the last Q
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(item_slot), "r"(w) : "memory");
+                if (w >= items) {  // no more: the consumers see w and stop
+                    mbar_arrive(full_q);
+                    break;
+                }
                 const Item it = item(w);
-                if (it.n_tiles == 0) continue;
-                if (q_uses > 0) mbar_wait(empty_q, (q_uses - 1) & 1);  // the last item's S products are done
-                mbar_expect_tx(full_q, L::Q_BYTES);
-                for (int x = 0; x < L::BOXES; ++x)
-                    tma_load(sQ + x * L::Q_BOX, &tm_q, full_q, x * BOX_COLS, it.m0, it.h, it.b);
+                if (it.n_tiles == 0) {
+                    mbar_arrive(full_q);
+                } else {
+                    mbar_expect_tx(full_q, L::Q_BYTES);
+                    for (int x = 0; x < L::BOXES; ++x)
+                        tma_load(sQ + x * L::Q_BOX, &tm_q, full_q, x * BOX_COLS, it.m0, it.h, it.b);
+                }
                 for (int t = 0; t < it.n_tiles; ++t, ++g) {
                     const int s = g % STAGES;
                     const unsigned parity = ((g / STAGES) & 1) ^ 1;  // the consumers' release of the stage's last use
@@ -283,6 +297,12 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
                                  it.b);
                 }
                 ++q_uses;
+                w = gridDim.x + atomicAdd(work, 1);
+            }
+            __threadfence();  // this block's last take is done before it counts itself out
+            if (atomicAdd(work + 1, 1) == gridDim.x - 1) {  // every block is done taking
+                work[0] = 0;
+                work[1] = 0;
             }
         }
         return;
@@ -384,8 +404,15 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
     auto my_turn = [&]() { named_sync(3 + cw, 256); };
     auto your_turn = [&]() { asm volatile("bar.arrive %0, 256;\n" ::"r"(3 + (cw ^ 1)) : "memory"); };
 
-    int q_uses = 0, g0 = 0;  // items with key tiles so far; key tiles so far (the ring position of this item's first)
-    for (int w = blockIdx.x; w < items; w += gridDim.x) {
+    // Items handed over so far; of them, those with key tiles; key tiles so far (the ring position of this item's
+    // first).
+    int q_uses = 0, tile_items = 0, g0 = 0;
+    while (true) {
+        mbar_wait(full_q, q_uses & 1);
+        int w;
+        asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(w) : "r"(item_slot) : "memory");
+        if (w >= items) break;
+        ++q_uses;
         const Item it = item(w);
         wg_first = it.m0 + cw * WG_ROWS;
         row0 = wg_first + warp * 16 + lane / 4;
@@ -397,8 +424,7 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
             const int n_tiles = it.n_tiles;
             auto stage = [&](int t) { return (g0 + t) % STAGES; };
             auto parity = [&](int t) { return unsigned((g0 + t) / STAGES) & 1u; };
-            if (cw == 1 && q_uses == 0) your_turn();  // the first warpgroup goes first
-            mbar_wait(full_q, q_uses & 1);
+            if (cw == 1 && tile_items == 0) your_turn();  // the first warpgroup goes first
             float alpha[2];
             // Tile 0: S, softmax, P.
             mbar_wait(full_k(stage(0)), parity(0));
@@ -443,7 +469,9 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
             fence_regs(o);
             release(empty_v(stage(n_tiles - 1)));
             g0 += n_tiles;
-            ++q_uses;
+            ++tile_items;
+        } else {
+            release(empty_q);  // nothing to compute: the producer may go on
         }
 
         // ---- the item's end: O / rowsum into this warpgroup's rows of the O buffer (swizzled as TMA wants), TMA
@@ -486,7 +514,7 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
         }
     }
     // The second warpgroup's last turn went unclaimed: take it, so both named barriers end with nothing pending.
-    if (cw == 0 && q_uses > 0) my_turn();
+    if (cw == 0 && tile_items > 0) my_turn();
     if (threadIdx.x % 128 == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // before the exit
 #endif
 }
