@@ -8,12 +8,12 @@
 // causal rows first). Block i takes item i, then whichever item is next when it is ready for one (an atomic
 // counter: causal items differ in length, and a share fixed in advance left blocks idle), and walks each item's
 // key tiles of BN = 128.
-//   * Warpgroup 0 is the producer: after giving registers back (setmaxnreg), one thread takes the items, hands
-//     each to the consumers through shared memory with its Q (the "full_q" mbarrier; the next one waits until the
-//     consumers' last S product of the item before is done: "empty_q"), and issues the TMA loads of Q and of the
-//     K and V tiles into a ring of STAGES stages that runs on across items, each completing on a "full" mbarrier;
-//     it waits on the stage's "empty" mbarrier (one arrival per consumer warp) before reusing it. So the next
-//     item's loads overlap the end of the last.
+//   * Warpgroup 0 is the producer: after giving registers back (setmaxnreg), its first warp takes the items and
+//     hands each to the consumers through shared memory (named barriers), and its lane 0 issues the TMA loads of
+//     the item's Q (on the "full_q" mbarrier, once the consumers' last S product of the item before is done:
+//     "empty_q") and of the K and V tiles into a ring of STAGES stages that runs on across items, each completing
+//     on a "full" mbarrier; it waits on the stage's "empty" mbarrier (one arrival per consumer warp) before reusing
+//     it. So the next item's loads overlap the end of the last.
 //   * Warpgroups 1 and 2 are consumers, 64 query rows each. Per key tile: S = Q K^T (wgmma, both operands from
 //     shared memory), masks on the diagonal / tail tiles only, online softmax in registers (log2 units), P packed
 //     to T in registers, O += P V (wgmma with A = P from registers, B = V read MN-major). The product for the next
@@ -53,6 +53,10 @@ constexpr int BM = 128, BN = 128, STAGES = 2, THREADS = 384;
 constexpr int WG_ROWS = 64;     // query rows of one consumer warpgroup
 constexpr int BOX_COLS = 64;    // 128 bytes of a 2-byte type: the span of the 128-byte swizzle
 constexpr int LINE = 128;       // bytes of one box row in shared memory
+// Named barriers (0 is __syncthreads): 1 + w, the end of an item in consumer warpgroup w; 3 + w, its turn to issue
+// products; the producer warp hands an item over to the consumers (HANDED_OVER) and they say they have read it
+// (HANDED_BACK), 32 + 256 threads each.
+constexpr int HANDED_OVER = 5, HANDED_BACK = 6;
 
 struct alignas(64) TensorMap { unsigned char bytes[128]; };  // CUtensorMap, passed by value
 
@@ -96,6 +100,9 @@ __device__ __forceinline__ void tma_store(const TensorMap *map, unsigned src, in
 }
 __device__ __forceinline__ void named_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // ---- wgmma ------------------------------------------------------------------------------------------------
@@ -265,44 +272,48 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
     const int wg = threadIdx.x / 128;
     if (wg == 0) {  // ---------------------------------------------------------------------------- producer
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
-        if (threadIdx.x == 0) {
-            int w = blockIdx.x, q_uses = 0, g = 0;  // the item; items handed over so far; key tiles so far
+        if (threadIdx.x < 32) {  // warp 0 takes the items; its lane 0 issues the copies
+            const bool leader = threadIdx.x == 0;
+            int w = blockIdx.x, handed = 0, q_loads = 0, g = 0;  // the item; items handed over; Q loads; key tiles
             while (true) {
-                if (q_uses > 0) mbar_wait(empty_q, (q_uses - 1) & 1);  // the consumers are done with the last Q
-                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(item_slot), "r"(w) : "memory");
-                if (w >= items) {  // no more: the consumers see w and stop
-                    mbar_arrive(full_q);
-                    break;
-                }
+                if (handed > 0) named_sync(HANDED_BACK, 288);  // the consumers have read the last item
+                if (leader) asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(item_slot), "r"(w) : "memory");
+                __syncwarp();
+                named_arrive(HANDED_OVER, 288);
+                ++handed;
+                if (w >= items) break;  // no more: the consumers see w and stop
                 const Item it = item(w);
-                if (it.n_tiles == 0) {
-                    mbar_arrive(full_q);
-                } else {
+                if (leader && it.n_tiles > 0) {
+                    if (q_loads > 0) mbar_wait(empty_q, (q_loads - 1) & 1);  // the last item's S products are done
+                    ++q_loads;
                     mbar_expect_tx(full_q, L::Q_BYTES);
                     for (int x = 0; x < L::BOXES; ++x)
                         tma_load(sQ + x * L::Q_BOX, &tm_q, full_q, x * BOX_COLS, it.m0, it.h, it.b);
+                    for (int t = 0; t < it.n_tiles; ++t, ++g) {
+                        const int s = g % STAGES;
+                        const unsigned parity = ((g / STAGES) & 1) ^ 1;  // the consumers' release of its last use
+                        if (g >= STAGES) mbar_wait(empty_k(s), parity);
+                        mbar_expect_tx(full_k(s), L::KV_BYTES);
+                        for (int x = 0; x < L::BOXES; ++x)
+                            tma_load(sK + s * L::KV_BYTES + x * L::KV_BOX, &tm_k, full_k(s), x * BOX_COLS, t * BN,
+                                     it.hk, it.b);
+                        if (g >= STAGES) mbar_wait(empty_v(s), parity);
+                        mbar_expect_tx(full_v(s), L::KV_BYTES);
+                        for (int x = 0; x < L::BOXES; ++x)
+                            tma_load(sV + s * L::KV_BYTES + x * L::KV_BOX, &tm_v, full_v(s), x * BOX_COLS, t * BN,
+                                     it.hk, it.b);
+                    }
                 }
-                for (int t = 0; t < it.n_tiles; ++t, ++g) {
-                    const int s = g % STAGES;
-                    const unsigned parity = ((g / STAGES) & 1) ^ 1;  // the consumers' release of the stage's last use
-                    if (g >= STAGES) mbar_wait(empty_k(s), parity);
-                    mbar_expect_tx(full_k(s), L::KV_BYTES);
-                    for (int x = 0; x < L::BOXES; ++x)
-                        tma_load(sK + s * L::KV_BYTES + x * L::KV_BOX, &tm_k, full_k(s), x * BOX_COLS, t * BN, it.hk,
-                                 it.b);
-                    if (g >= STAGES) mbar_wait(empty_v(s), parity);
-                    mbar_expect_tx(full_v(s), L::KV_BYTES);
-                    for (int x = 0; x < L::BOXES; ++x)
-                        tma_load(sV + s * L::KV_BYTES + x * L::KV_BOX, &tm_v, full_v(s), x * BOX_COLS, t * BN, it.hk,
-                                 it.b);
-                }
-                ++q_uses;
-                w = gridDim.x + atomicAdd(work, 1);
+                int next = 0;
+                if (leader) next = gridDim.x + atomicAdd(work, 1);
+                w = __shfl_sync(0xffffffffu, next, 0);
             }
-            __threadfence();  // this block's last take is done before it counts itself out
-            if (atomicAdd(work + 1, 1) == gridDim.x - 1) {  // every block is done taking
-                work[0] = 0;
-                work[1] = 0;
+            if (leader) {
+                __threadfence();  // this block's last take is done before it counts itself out
+                if (atomicAdd(work + 1, 1) == gridDim.x - 1) {  // every block is done taking
+                    work[0] = 0;
+                    work[1] = 0;
+                }
             }
         }
         return;
@@ -404,15 +415,14 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
     auto my_turn = [&]() { named_sync(3 + cw, 256); };
     auto your_turn = [&]() { asm volatile("bar.arrive %0, 256;\n" ::"r"(3 + (cw ^ 1)) : "memory"); };
 
-    // Items handed over so far; of them, those with key tiles; key tiles so far (the ring position of this item's
-    // first).
-    int q_uses = 0, tile_items = 0, g0 = 0;
+    // Items with key tiles so far; key tiles so far (the ring position of this item's first).
+    int tile_items = 0, g0 = 0;
     while (true) {
-        mbar_wait(full_q, q_uses & 1);
+        named_sync(HANDED_OVER, 288);
         int w;
         asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(w) : "r"(item_slot) : "memory");
         if (w >= items) break;
-        ++q_uses;
+        named_arrive(HANDED_BACK, 288);
         const Item it = item(w);
         wg_first = it.m0 + cw * WG_ROWS;
         row0 = wg_first + warp * 16 + lane / 4;
@@ -425,6 +435,7 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
             auto stage = [&](int t) { return (g0 + t) % STAGES; };
             auto parity = [&](int t) { return unsigned((g0 + t) / STAGES) & 1u; };
             if (cw == 1 && tile_items == 0) your_turn();  // the first warpgroup goes first
+            mbar_wait(full_q, tile_items & 1);
             float alpha[2];
             // Tile 0: S, softmax, P.
             mbar_wait(full_k(stage(0)), parity(0));
@@ -470,8 +481,6 @@ attn_fwd_sm90(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
             release(empty_v(stage(n_tiles - 1)));
             g0 += n_tiles;
             ++tile_items;
-        } else {
-            release(empty_q);  // nothing to compute: the producer may go on
         }
 
         // ---- the item's end: O / rowsum into this warpgroup's rows of the O buffer (swizzled as TMA wants), TMA
