@@ -452,9 +452,9 @@ _SM90_BLOCKS_PER_SM = 1  # the persistent grid (bench/tune_attention_sm90.py set
 
 def _sm90_smem(D):
     """The dynamic shared memory attn_fwd_sm90 needs (its Tiles<D>): Q, O, 2 stages of K and V (64-column boxes of
-    128-byte rows), 10 barriers, the item slot, 1024 bytes to align the base."""
+    128-byte rows), 10 barriers, 1024 bytes to align the base."""
     box = _SM90_ROWS * 128
-    return (D // 64) * box * (2 + 2 * 2) + 8 * 10 + 8 + 1024
+    return (D // 64) * box * (2 + 2 * 2) + 8 * 10 + 1024
 
 
 def _use_sm90(q, scale):
@@ -482,13 +482,12 @@ def _forward_sm90(q, k, v, scale, causal):
             for x, rows in ((q, _SM90_ROWS), (k, _SM90_ROWS), (v, _SM90_ROWS), (o, _SM90_ROWS // 2))]
     kernel = _kernel("attention_sm90.cu",
                      f"attn_fwd_sm90<{_KERNEL_TYPES[q.dtype]}, {D}, {'true' if causal else 'false'}>")
-    # Persistent blocks (one a multiprocessor) take the work items (row blocks of every head) from a counter, so the
-    # loads of one item overlap the end of the last (non-causal B4 H32 S4096 D128: 618 TFLOP/s against 511 with a
-    # block an item). The counter (two zeroed ints the kernel leaves at zero) is the split-KV tickets' buffer.
+    # Persistent: one block a multiprocessor walks its share of the work items (row blocks of every head, dealt in
+    # snake order so causal shares even out), and the loads of one item overlap the end of the last (non-causal B4
+    # H32 S4096 D128: 618 TFLOP/s against 511 with a block an item, same run).
     items = -(-Sq // _SM90_ROWS) * Hq * B
-    work = _partials(xp, 0, 0, 2)[2]
     _launch(kernel, (min(items, _device_info(xp)[0] * _SM90_BLOCKS_PER_SM),), (_SM90_THREADS,),
-            (*maps, lse, work, *(numpy.int32(n) for n in (B, Hq, Hkv, Sq, Sk)), numpy.float32(scale)),
+            (*maps, lse, *(numpy.int32(n) for n in (B, Hq, Hkv, Sq, Sk)), numpy.float32(scale)),
             shared_mem=_sm90_smem(D))
     return o, lse
 
