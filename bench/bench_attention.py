@@ -57,11 +57,15 @@ def _baselines(q, k, v, causal, grad=None, dropout_p=0.0):
 def _without_sm90(fn):
     """fn with the Hopper forward turned off (TESSERA_ATTN_SM90=0): the mma.sync kernel, for comparison."""
     def run():
+        before = os.environ.get("TESSERA_ATTN_SM90")
         os.environ["TESSERA_ATTN_SM90"] = "0"
         try:
             return fn()
         finally:
-            del os.environ["TESSERA_ATTN_SM90"]
+            if before is None:
+                del os.environ["TESSERA_ATTN_SM90"]
+            else:
+                os.environ["TESSERA_ATTN_SM90"] = before
     return run
 
 
