@@ -17,6 +17,7 @@ import sys
 import cupy
 
 sys.path.insert(0, os.path.dirname(__file__))
+from bench_attention import _sdpa  # noqa: E402
 from conftest import time_cuda  # noqa: E402
 
 import tessera_cp as tc  # noqa: E402
@@ -49,17 +50,9 @@ def main(variants):
             errors[name] = (eo, el, "WRONG" if not (eo <= 2e-2 and el <= 1e-3) else "ok")
             ms[name] = time_cuda(lambda: A._forward_kernel(q, k, v, None, None, scale, causal))
         A._kernel, A._SM90_BLOCKS_PER_SM = kernel, 1
-        try:
-            import torch
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            qt, kt, vt = (torch.from_dlpack(x) for x in (q, k, v))
-
-            def cudnn():
-                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                    torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+        cudnn = _sdpa(*(tc.Tensor(x) for x in (q, k, v)), causal, "cudnn")  # None: torch or the backend missing
+        if cudnn is not None:
             ms["cudnn"] = time_cuda(cudnn)
-        except Exception as e:  # noqa: BLE001 - torch missing or refusing: left out
-            print(f"cudnn unavailable: {e}"[:200])
         flops = 4 * B * H * S * S * D / (2 if causal else 1)
         label = f"B{B} H{H} S{S} D{D}{' causal' if causal else ''}"
         cells = " | ".join(f"{n} {flops / t / 1e9:.1f}" for n, t in ms.items())
